@@ -1014,7 +1014,7 @@ class Worker(_Role):
                 delay = min(30.0, 0.25 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
         if registered:
             try:
-                scheduler.call("deregister", self.worker_id, timeout=2.0)
+                scheduler.call("deregister", self.worker_id, timeout=1.0)
             except JobschedError as e:
                 log.warning("could not deregister: %s", e)
         scheduler.close()
@@ -1429,16 +1429,20 @@ class Scheduler(_Role):
     # -- routing -------------------------------------------------------------------------------
 
     def _pick_worker(self, tried):
-        """The online worker with the most free slots, ties taken round-robin."""
+        """The untried online worker with the most free slots, ties taken round-robin.
+
+        Free slots are as of the last heartbeat plus the starts since; a worker that looks full
+        is still tried last, since only the worker itself knows (it refuses with fault 3)."""
         now = time.time()
         with self.workers_lock:
             records = list(self._workers.values())
             self._round_robin += 1
             first = self._round_robin % len(records) if records else 0
-            best, best_free = None, 0
+            best, best_free = None, None
             for rec in records[first:] + records[:first]:
                 free = rec.slots - rec.running
-                if free > best_free and rec.worker_id not in tried and rec.online(now):
+                if (best_free is None or free > best_free) and rec.worker_id not in tried \
+                        and rec.online(now):
                     best, best_free = rec, free
             if best is not None:
                 best.running += 1  # until its next heartbeat tells the truth
@@ -1576,6 +1580,19 @@ class Scheduler(_Role):
 
 def _env(name, default=None):
     return os.environ.get(name) or default
+
+
+def _positive(kind):
+    """An argparse type: a number of this kind above zero."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError("%r is not a positive %s" % (text, kind.__name__))
+        return value
+    return convert
 
 
 def _security_from_args(args):
@@ -1737,7 +1754,9 @@ def _print_table(rows, columns, as_json, key):
 def cmd_jobs(args):
     _print_table(_client_from_args(args).jobs(), [
         ("job_id", lambda j: j["job_id"]), ("worker_id", lambda j: j["worker_id"][:8]),
-        ("state", lambda j: j["state"]), ("exit", lambda j: j.get("exit_code", j.get("signal", "-"))),
+        ("state", lambda j: j["state"]),
+        ("exit", lambda j: j["exit_code"] if "exit_code" in j else
+         "signal %d" % j["signal"] if "signal" in j else "-"),
         ("command", lambda j: " ".join([j["command"]] + ([j["path"]] if j["path"] else []) + j["args"])),
     ], args.json, "jobs")
     return 0
@@ -1816,13 +1835,13 @@ def build_parser():
     group.add_argument("--tls-ca", metavar="FILE", default=_env("JOBSCHED_TLS_CA"),
                        help="CA that peers' certificates must chain to; servers then require client "
                             "certificates (mutual TLS) (env JOBSCHED_TLS_CA)")
-    group.add_argument("--rpc-timeout", metavar="SECONDS", type=float, default=10.0,
+    group.add_argument("--rpc-timeout", metavar="SECONDS", type=_positive(float), default=10.0,
                        help="timeout of each remote call (default: %(default)s)")
 
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument("--insecure", action="store_true",
                         help="allow listening on a non-loopback address without token or mutual TLS")
-    server.add_argument("--max-request", metavar="BYTES", type=int, default=MiB,
+    server.add_argument("--max-request", metavar="BYTES", type=_positive(int), default=MiB,
                         help="largest request body accepted (default: %(default)s)")
     server.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"], help="(default: %(default)s)")
@@ -1849,13 +1868,13 @@ def build_parser():
                      help="address the scheduler should dial (default: the bound address)")
     sub.add_argument("--state-dir", metavar="DIR", default=default_state_dir(),
                      help="job output and records, locked by one worker (default: %(default)s)")
-    sub.add_argument("--slots", type=int, default=os.cpu_count() or 1,
+    sub.add_argument("--slots", type=_positive(int), default=os.cpu_count() or 1,
                      help="jobs run at once, at most (default: %(default)s, the CPU count)")
-    sub.add_argument("--stop-grace", metavar="SECONDS", type=float, default=5.0,
+    sub.add_argument("--stop-grace", metavar="SECONDS", type=_positive(float), default=5.0,
                      help="time between SIGTERM and SIGKILL on stop (default: %(default)s)")
-    sub.add_argument("--heartbeat", metavar="SECONDS", type=float, default=2.0,
+    sub.add_argument("--heartbeat", metavar="SECONDS", type=_positive(float), default=2.0,
                      help="heartbeat interval (default: %(default)s)")
-    sub.add_argument("--keep-jobs", metavar="N", type=int, default=10000,
+    sub.add_argument("--keep-jobs", metavar="N", type=_positive(int), default=10000,
                      help="finished jobs kept, oldest removed first (default: %(default)s)")
     sub.add_argument("--allow", metavar="COMMAND", action="append", default=[],
                      help="only these commands may be started (repeatable; matched on the resolved path)")
@@ -1867,7 +1886,7 @@ def build_parser():
         sub.add_argument("--path", default="", help="script path passed after COMMAND (default: none)")
         sub.add_argument("--cwd", metavar="DIR", help="working directory of the job")
         sub.add_argument("--env", metavar="K=V", action="append", default=[], help="add to the job's environment (repeatable)")
-        sub.add_argument("--timeout", metavar="SECONDS", type=float, help="stop the job after this long")
+        sub.add_argument("--timeout", metavar="SECONDS", type=_positive(float), help="stop the job after this long")
         sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
     job_options(command("start", "start a job and print its id", cmd_start))
