@@ -990,6 +990,7 @@ class Worker(_Role):
             "slots": self.slots, "running": running, "last_seen": time.time(),
             "hostname": socket.gethostname(), "version": __version__,
             "heartbeat": self.heartbeat, "tls": self.security.serves_tls,
+            "stop_grace": self.stop_grace,
         }
 
     def _heartbeat_loop(self):
@@ -1248,12 +1249,13 @@ class Worker(_Role):
 class WorkerRecord:
     """What the scheduler knows of one worker; fields guarded by Scheduler.workers_lock."""
     __slots__ = ("worker_id", "address", "slots", "running", "last_seen", "hostname", "version",
-                 "tls", "heartbeat", "deregistered", "reported_offline", "client", "client_tls")
+                 "tls", "heartbeat", "stop_grace", "deregistered", "reported_offline", "client",
+                 "client_tls")
 
     def __init__(self, worker_id):
         self.worker_id = worker_id
         self.address = self.hostname = self.version = self.client = None
-        self.slots, self.running, self.heartbeat = 1, 0, 0.0
+        self.slots, self.running, self.heartbeat, self.stop_grace = 1, 0, 0.0, 5.0
         self.last_seen = time.time()
         self.tls = self.deregistered = self.reported_offline = self.client_tls = False
 
@@ -1343,7 +1345,8 @@ class Scheduler(_Role):
     def _update(self, rec, info):
         """Apply a worker's info struct to its record (under workers_lock)."""
         for key, kind in (("slots", int), ("running", int), ("heartbeat", (int, float)),
-                          ("hostname", str), ("version", str), ("tls", bool)):
+                          ("stop_grace", (int, float)), ("hostname", str), ("version", str),
+                          ("tls", bool)):
             if key in info and isinstance(info[key], kind) and not (
                     kind is int and isinstance(info[key], bool)):
                 setattr(rec, key, info[key])
@@ -1418,7 +1421,7 @@ class Scheduler(_Role):
         with self.workers_lock:
             if not rec.online(time.time()):
                 raise Unavailable("worker offline")
-            return rec.client
+            return rec
 
     def _remember(self, job_id, worker_id):
         with self.workers_lock:
@@ -1455,8 +1458,8 @@ class Scheduler(_Role):
         want_str(path, "path")
         params = (command, path) + ((want_struct(options, "options"),) if options is not None else ())
         if worker_id:
-            rec = self._worker(worker_id)
-            job_id = self._online_worker(rec).call("start", *params)
+            rec = self._online_worker(self._worker(worker_id))
+            job_id = rec.client.call("start", *params)
             with self.workers_lock:
                 rec.running += 1
         else:
@@ -1477,7 +1480,7 @@ class Scheduler(_Role):
         return job_id
 
     def _route(self, ids):
-        """(client, job_id) for stop/query/output: (job_id) or the seed's (worker_id, job_id)."""
+        """(WorkerRecord, job_id) for stop/query/output: (job_id) or the seed's (worker_id, job_id)."""
         if len(ids) == 2:
             worker_id, job_id = ids
             want_str(worker_id, "worker_id", limit=256)
@@ -1495,7 +1498,7 @@ class Scheduler(_Role):
         if not found:
             raise NotFound("job not found: %s" % _short(job_id))
         self._remember(job_id, found[0].worker_id)
-        return found[0].client, job_id
+        return found[0], job_id
 
     def _ask_online(self, method, *params):
         """Call method on every online worker in parallel: [(rec, result or JobschedError)]."""
@@ -1518,20 +1521,20 @@ class Scheduler(_Role):
 
     def stop(self, *ids):
         """stop(job_id) or stop(worker_id, job_id): true once the job has ended."""
-        client, job_id = self._route(ids)
-        return client.call("stop", job_id, timeout=self.rpc_timeout + 60)
+        rec, job_id = self._route(ids)
+        return rec.client.call("stop", job_id, timeout=self.rpc_timeout + rec.stop_grace + 1)
 
     def query(self, *ids):
         """query(job_id) or query(worker_id, job_id): the job's struct."""
-        client, job_id = self._route(ids)
-        return client.call("query", job_id)
+        rec, job_id = self._route(ids)
+        return rec.client.call("query", job_id)
 
     def output(self, job_id, offset, max_bytes, wait_seconds=0):
         """The job's output from offset, as the worker's output() answers it."""
         wait = min(want_number(wait_seconds, "wait_seconds"), MAX_WAIT_SECONDS)
-        client, job_id = self._route((job_id,))
-        return client.call("output", job_id, offset, max_bytes, wait,
-                           timeout=self.rpc_timeout + wait)
+        rec, job_id = self._route((job_id,))
+        return rec.client.call("output", job_id, offset, max_bytes, wait,
+                               timeout=self.rpc_timeout + wait)
 
     def jobs(self):
         """Every job of every online worker, asked in parallel."""
