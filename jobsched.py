@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import socketserver
@@ -128,6 +129,40 @@ def _short(value, limit=80):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+_NOT_XML_CHARS = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def bounded_int(text):
+    """int() of a long digit string is quadratic before Python 3.11: refuse what no field needs."""
+    if len(text.strip()) > 40:
+        raise ValueError("integer of %d digits is too long" % len(text.strip()))
+    return int(text)
+
+
+class _Unmarshaller(xmlrpc.client.Unmarshaller):
+    """xmlrpc.client's, with integers parsed by bounded_int."""
+
+    def end_int(self, data):
+        self.append(bounded_int(data))
+        self._value = 0
+    dispatch = dict(xmlrpc.client.Unmarshaller.dispatch)
+    dispatch.update(dict.fromkeys(("i1", "i2", "i4", "i8", "int", "biginteger"), end_int))
+
+
+def loads_request(body):
+    """(params, method name) of an XML-RPC request. A DTD is refused as soon as expat meets it,
+    whatever the document's encoding, so no entity is ever defined, let alone expanded."""
+    unmarshaller = _Unmarshaller()
+    parser = xmlrpc.client.ExpatParser(unmarshaller)
+
+    def refuse_dtd(*args):
+        raise BadRequest("DTDs and entity declarations are not allowed")
+    parser._parser.StartDoctypeDeclHandler = parser._parser.EntityDeclHandler = refuse_dtd
+    parser.feed(body)
+    parser.close()
+    return unmarshaller.close(), unmarshaller.getmethodname()
+
+
 def want_str(value, name, limit=4096, empty=True):
     if not isinstance(value, str):
         raise BadRequest("%s must be a string, not %s" % (name, type(value).__name__))
@@ -137,6 +172,8 @@ def want_str(value, name, limit=4096, empty=True):
         raise BadRequest("%s must not be empty" % name)
     if "\0" in value:
         raise BadRequest("%s must not contain NUL" % name)
+    if _NOT_XML_CHARS.search(value):  # possible from JSON; would make every later reply unparsable
+        raise BadRequest("%s must not contain control characters or lone surrogates" % name)
     return value
 
 
@@ -192,9 +229,10 @@ def parse_address(text, default_port=None):
     scheme, sep, rest = text.partition("://")
     if not sep:
         scheme, rest = "", text
-    elif scheme not in ("http", "https"):
-        raise ConfigError("address %s: scheme must be http or https" % _short(text))
     userinfo, at, hostport = rest.rstrip("/").rpartition("@")
+    shown = _short(scheme + sep + hostport)  # never the token of user:token@
+    if sep and scheme not in ("http", "https"):
+        raise ConfigError("address %s: scheme must be http or https" % shown)
     password = userinfo.partition(":")[2] if at else None
     if hostport.startswith("["):
         host, _, port = hostport[1:].partition("]")
@@ -205,8 +243,8 @@ def parse_address(text, default_port=None):
         host, port = hostport, ""
     if not port and default_port is not None:
         port = str(default_port)
-    if not port.isdigit() or int(port) > 65535:
-        raise ConfigError("address %s is not HOST:PORT" % _short(text))
+    if not re.match(r"[0-9]{1,5}\Z", port) or int(port) > 65535:
+        raise ConfigError("address %s is not HOST:PORT" % shown)
     return scheme, host, int(port), password or None
 
 
@@ -391,9 +429,9 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             return self._refuse(411, "Content-Length is required")
-        if not length.strip().isdigit():
+        if not re.match(r"\s*[0-9]+\s*\Z", length):
             return self._refuse(400, "bad Content-Length")
-        if int(length) > self.server.max_request:
+        if len(length.strip()) > 18 or int(length) > self.server.max_request:
             return self._refuse(413, "request body over %d bytes" % self.server.max_request)
         body = self.rfile.read(int(length))
         if len(body) < int(length):
@@ -509,10 +547,10 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
 
     def dispatch_xmlrpc(self, body):
         try:
-            if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
-                raise BadRequest("DTDs and entity declarations are not allowed")
             try:
-                params, name = xmlrpc.client.loads(body)
+                params, name = loads_request(body)
+            except JobschedError:
+                raise
             except Exception as e:  # expat, int() and the unmarshaller raise many kinds
                 raise BadRequest("malformed XML-RPC request: %s" % str(e).splitlines()[0][:200]
                                  if str(e) else "malformed XML-RPC request")
@@ -530,8 +568,9 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
     def call_json(self, route, body):
         try:
             try:
-                request = json.loads(body.decode("utf-8")) if body.strip() else {}
-            except (ValueError, UnicodeDecodeError) as e:
+                request = (json.loads(body.decode("utf-8"), parse_int=bounded_int)
+                           if body.strip() else {})
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 raise BadRequest("invalid JSON: %s" % e)
             if not isinstance(request, dict):
                 raise BadRequest("the body must be a JSON object")
@@ -861,8 +900,11 @@ class Worker(_Role):
         self._closed = threading.Event()
         self._lock_file = self._lock_state_dir()
         try:
-            self.worker_id = self._load_worker_id()
-            self._load_records()
+            try:
+                self.worker_id = self._load_worker_id()
+                self._load_records()
+            except OSError as e:  # disk full or read-only: a configuration error, not a traceback
+                raise ConfigError("cannot use state dir %s: %s" % (self.state_dir, e.strerror or e))
             self.server = RPCServer(listen, self.security, {
                 "start": self.start, "stop": self.stop, "query": self.query,
                 "output": self.output, "jobs": self.jobs, "info": self.info,
@@ -1070,6 +1112,8 @@ class Worker(_Role):
             executable = self._resolve_executable(command, env.get("PATH"))
             if executable not in self.allowed:
                 raise BadRequest("command %s is not allowed on this worker" % _short(command))
+            # Run the file that was checked: Popen would search PATH again, from the job's cwd.
+            opts["executable"] = executable
         argv = [command] + ([self._resolve_path(path)] if path else []) + opts["args"]
         with self.jobs_lock:
             if self._closing:
@@ -1096,10 +1140,11 @@ class Worker(_Role):
         try:
             job.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=opts["cwd"], env=env,
-                start_new_session=True)
+                start_new_session=True, executable=opts.get("executable"))
         except OSError as e:
             os.unlink(out_path)
-            raise BadRequest("cannot start %s: %s" % (_short(argv[0]), e.strerror or e))
+            raise BadRequest("cannot start %s: %s%s" % (_short(argv[0]), e.strerror or e,
+                                                         ": " + str(e.filename) if e.filename else ""))
         except (ValueError, TypeError) as e:
             os.unlink(out_path)
             raise BadRequest("cannot start %s: %s" % (_short(argv[0]), e))
@@ -1136,6 +1181,8 @@ class Worker(_Role):
                 os.waitid(os.P_PID, job.pid, os.WEXITED | os.WNOWAIT)
             except ChildProcessError:
                 pass
+        else:  # macOS: reap first; the group id is then free again, a window of microseconds
+            job.process.wait()
         with self.jobs_lock:
             stopping = job.stop_reason is not None
         if stopping:
@@ -1174,21 +1221,23 @@ class Worker(_Role):
         return job
 
     def _stop_job(self, job, reason):
+        """TERM the group, KILL it after the grace period; true once the job has ended."""
         with self.jobs_lock:
             if job.done or job.process is None:
-                return
+                return True
             if job.stop_reason is None:
                 job.stop_reason = reason
         log.info("job %s: stopping (%s)", job.job_id, reason)
         signal_group(job.pid, signal.SIGTERM)
         if not job.finished.wait(self.stop_grace):
             signal_group(job.pid, signal.SIGKILL)
-            job.finished.wait(1.0)
+            return job.finished.wait(1.0)
+        return True
 
     def stop(self, job_id):
         """TERM the job's process group, KILL it after the grace period; true once it has ended."""
-        job = self._get(job_id)
-        self._stop_job(job, "stopped")
+        if not self._stop_job(self._get(job_id), "stopped"):
+            raise Unavailable("job %s has not ended 1 s after SIGKILL" % job_id)
         return True
 
     def query(self, job_id):
@@ -1456,23 +1505,26 @@ class Scheduler(_Role):
         want_str(worker_id, "worker_id", limit=256)
         want_str(command, "command", empty=False)
         want_str(path, "path")
-        params = (command, path) + ((want_struct(options, "options"),) if options is not None else ())
+        if options is not None:
+            parse_job_options(options)  # refuse bad input here, not as a failure to forward it
+        params = (command, path) + ((options,) if options is not None else ())
         if worker_id:
             rec = self._online_worker(self._worker(worker_id))
             job_id = rec.client.call("start", *params)
             with self.workers_lock:
                 rec.running += 1
         else:
-            tried = set()
+            tried, refusal = set(), ""
             while True:
                 rec = self._pick_worker(tried)
-                if rec is None:
-                    raise Unavailable("no worker has a free slot")
+                if rec is None:  # say why the last one refused: full, disk full, unreachable...
+                    raise Unavailable("no worker has a free slot" + refusal)
                 try:
                     job_id = rec.client.call("start", *params)
                     break
                 except Unavailable as e:  # full, shutting down or unreachable: try the next
                     log.debug("worker %s refused a job: %s", rec.worker_id, e)
+                    refusal = " (worker %s: %s)" % (rec.worker_id[:8], e)
                     tried.add(rec.worker_id)
                     with self.workers_lock:
                         rec.running -= 1
@@ -1493,15 +1545,22 @@ class Scheduler(_Role):
             worker_id = self._job_index.get(job_id) or worker_id
         if worker_id:
             return self._online_worker(self._worker(worker_id)), job_id
-        found = [rec for rec, struct in self._ask_online("query", job_id)
-                 if isinstance(struct, dict)]
+        answers = self._ask_online("query", job_id, first=lambda result: isinstance(result, dict))
+        found = [rec for rec, struct in answers if isinstance(struct, dict)]
         if not found:
+            silent = sum(isinstance(result, Unavailable) for _, result in answers)
+            if silent:  # the job may be on a worker that did not answer: not "not found"
+                raise Unavailable("job %s not found on the workers that answered; %d did not"
+                                  % (_short(job_id), silent))
             raise NotFound("job not found: %s" % _short(job_id))
         self._remember(job_id, found[0].worker_id)
         return found[0], job_id
 
-    def _ask_online(self, method, *params):
-        """Call method on every online worker in parallel: [(rec, result or JobschedError)]."""
+    def _ask_online(self, method, *params, first=None):
+        """Call method on every online worker in parallel: [(rec, result or JobschedError)].
+
+        With ``first`` given, returns [(rec, result)] as soon as first(result) is true, so a hung
+        worker delays only the answers that need it."""
         now = time.time()
         with self.workers_lock:
             records = [rec for rec in self._workers.values() if rec.online(now)]
@@ -1515,7 +1574,12 @@ class Scheduler(_Role):
                 return rec, e
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(records)))
         try:
-            return list(pool.map(ask, records))
+            futures = [pool.submit(ask, rec) for rec in records]
+            for future in concurrent.futures.as_completed(futures):
+                rec, result = future.result()
+                if first is not None and first(result):
+                    return [(rec, result)]
+            return [future.result() for future in futures]
         finally:
             pool.shutdown(wait=False)
 
@@ -1532,6 +1596,8 @@ class Scheduler(_Role):
     def output(self, job_id, offset, max_bytes, wait_seconds=0):
         """The job's output from offset, as the worker's output() answers it."""
         wait = min(want_number(wait_seconds, "wait_seconds"), MAX_WAIT_SECONDS)
+        want_number(offset, "offset", integer=True)
+        want_number(max_bytes, "max_bytes", integer=True)
         rec, job_id = self._route((job_id,))
         return rec.client.call("output", job_id, offset, max_bytes, wait,
                                timeout=self.rpc_timeout + wait)
