@@ -5,6 +5,7 @@ Run: python3 -m unittest -v test_jobsched
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -114,6 +115,116 @@ class ClusterTestCase(unittest.TestCase):
             with open(log_path) as f:
                 raise AssertionError("%s did not start: %r %s" % (args[0], line, f.read()))
         return proc, line.split("listening on ")[1].split()[0]
+
+
+def readme_text():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def readme_python_block(marker):
+    """The README's ```python block whose first line is marker."""
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", readme_text(), re.S | re.M)
+              if b.startswith(marker)]
+    if len(blocks) != 1:
+        raise AssertionError("README.md has %d python blocks starting with %r" % (len(blocks), marker))
+    return blocks[0]
+
+
+def example_env(**extra):
+    """The environment an example runs in: ours without jobsched settings, plus extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSCHED_")}
+    env.update(extra)
+    return env
+
+
+def run_example(argv, env=None, timeout=60):
+    return subprocess.run(argv, cwd=HERE, env=env or example_env(), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+
+
+class DocsTest(ClusterTestCase):
+    """The README's promises and the examples/ directory, run as a user would."""
+
+    def test_readme_embedding_example_runs_as_written(self):
+        code = readme_python_block("# embedding example")
+        proc = run_example([sys.executable, "-c", code])
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace"))
+        out = proc.stdout.decode()
+        self.assertIn("hello\nfrom a job\n", out)  # stdout and stderr of the job, in order
+        self.assertIn("state: succeeded exit_code: 0", out)
+
+    def test_example_client_follows_a_job_and_exits_with_its_status(self):
+        scheduler, _, client = self.cluster(1)
+        # The scheduler comes from JOBSCHED_SCHEDULER when no argument is given.
+        proc = run_example([sys.executable, os.path.join(HERE, "examples", "client.py")],
+                           env=example_env(JOBSCHED_SCHEDULER=scheduler.address))
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace"))
+        out = proc.stdout.decode()
+        head, brace, struct_text = out.partition("\n{")
+        job = json.loads(brace.strip() + struct_text)
+        self.assertTrue(head.startswith("started job %s\n" % job["job_id"]), out)
+        self.assertTrue(head.endswith("1\n2\n3\ndone"), out)
+        self.assertEqual((job["state"], job["exit_code"], job["args"]), ("succeeded", 0, ["3"]))
+        self.assertEqual(job["path"], os.path.join(HERE, "examples", "count.sh"))
+        self.assertEqual(client.query(job["job_id"])["output_bytes"], len("1\n2\n3\ndone\n"))
+
+    def test_example_client_reports_an_unreachable_scheduler(self):
+        never_served = jobsched.Scheduler("127.0.0.1:0")  # a port that was just ours, now closed
+        address = never_served.address
+        never_served.server.server_close()  # not close(): shutdown() waits for a serve loop
+        proc = run_example([sys.executable, os.path.join(HERE, "examples", "client.py"), address])
+        self.assertEqual(proc.returncode, 1)
+        err = proc.stderr.decode()
+        self.assertIn("cannot reach %s" % address, err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertNotIn("Traceback", err)
+
+    def test_example_curl_drives_every_json_route_with_the_token(self):
+        if shutil.which("curl") is None:
+            self.skipTest("curl is not installed")
+        token = "docs-test-token-1234"
+        scheduler = self.scheduler(token=token)
+        self.worker(scheduler, token=token)
+        client = self.client(scheduler, token=token)
+        wait_until(lambda: any(w["online"] for w in client.workers()), message="worker to register")
+        curl_sh = os.path.join(HERE, "examples", "curl.sh")
+
+        refused = run_example(["sh", curl_sh], env=example_env(JOBSCHED_SCHEDULER=scheduler.address))
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn(b"GET /workers answered HTTP 401", refused.stderr)
+
+        proc = run_example(["sh", curl_sh], env=example_env(JOBSCHED_SCHEDULER=scheduler.address,
+                                                            JOBSCHED_TOKEN=token))
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace"))
+        out = proc.stdout.decode()
+        for route in ("GET /workers", "POST /start", "POST /query", "POST /stop", "GET /jobs"):
+            self.assertIn("> %s" % route, out)
+        self.assertIn('< 201 {"job_id": ', out)
+        self.assertIn('< 200 {"success": true}', out)
+        self.assertIn('"state": "stopped"', out)
+        self.assertNotIn(token, out)
+        jobs = {j["command"]: j for j in client.jobs()}
+        self.assertEqual((jobs["sh"]["state"], jobs["sh"]["args"]), ("succeeded", ["3"]))
+        self.assertEqual(client.output(jobs["sh"]["job_id"])["data"], b"1\n2\n3\ndone\n")
+        self.assertEqual(jobs["sleep"]["state"], "stopped")
+
+    def test_readme_documents_every_command_and_option(self):
+        readme = readme_text()
+        top = self.cli("--help")
+        self.assertEqual(top.returncode, 0)
+        commands = re.findall(r"^    ([a-z]+)\b", top.stdout.decode(), re.M)
+        self.assertIn("scheduler", commands)
+        self.assertIn("demo", commands)
+        for command in commands:
+            self.assertRegex(readme, r"(?m)^#+ .*`%s`" % command,
+                             "README.md has no section heading for %s" % command)
+            usage = self.cli(command, "--help")
+            self.assertEqual(usage.returncode, 0, command)
+            options = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", usage.stdout.decode())) - {"--help"}
+            for option in sorted(options):
+                self.assertIn("`%s" % option, readme, "README.md does not document %s %s"
+                              % (command, option))
 
 
 if __name__ == "__main__":
