@@ -227,5 +227,304 @@ class DocsTest(ClusterTestCase):
                               % (command, option))
 
 
+def free_port():
+    """A port that was free a moment ago (the tiny race is accepted: a test then fails loudly)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pid_alive(pid):
+    """True while pid exists and is not a zombie (an orphan that init has not reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return True
+
+
+def kill_if_same(pid, start_token):
+    """Cleanup for a job process that only a test failure could leave behind (guards pid reuse)."""
+    if start_token is not None and jobsched.process_start_time(pid) == start_token:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def fault_of(call, *args):
+    """The JobschedError a call raises (None if it succeeds)."""
+    try:
+        call(*args)
+    except jobsched.JobschedError as e:
+        return e
+    return None
+
+
+def worker_args(scheduler, state_dir, *extra):
+    return ("worker", "--listen", "127.0.0.1:0", "--scheduler", scheduler, "--state-dir",
+            state_dir, "--heartbeat", "0.2", "--stop-grace", "1") + extra
+
+
+def run_limited(case, max_file_size, *args):
+    """Start `jobsched.py ARGS` with RLIMIT_FSIZE: every write past max_file_size bytes fails
+    with EFBIG, as on a full disk. Returns (proc, address) once listening, or the proc if it
+    exited. Its log goes nowhere: it could not be written either."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
+    proc = subprocess.Popen([sys.executable, JOBSCHED] + list(args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, preexec_fn=limit)
+
+    def cleanup():
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=15)
+        proc.stdout.close()
+        proc.stderr.close()
+    case.addCleanup(cleanup)
+    line = proc.stdout.readline().decode()
+    if "listening on" not in line:
+        return proc, None
+    # Drain the log so the worker never blocks on a full pipe.
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc, line.split("listening on ")[1].split()[0]
+
+
+class ResilienceTest(ClusterTestCase):
+    """Fault injection with real processes: kill -9, restarts, SIGSTOP, full disk, retention."""
+
+    def spawn_worker(self, scheduler, state_dir, *extra):
+        """A real worker; stopped with SIGTERM at cleanup so its jobs are stopped, not orphaned."""
+        proc, address = self.spawn(*worker_args(scheduler, state_dir, *extra))
+
+        def terminate():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # in case a test stopped it
+                proc.terminate()
+                proc.wait(timeout=15)
+        self.addCleanup(terminate)
+        worker_id = self.client(address).info()["worker_id"]
+        return proc, address, worker_id
+
+    def online_ids(self, client):
+        return sorted(w["worker_id"] for w in client.workers() if w["online"])
+
+    def output_of(self, client, job_id):
+        return client.output(job_id, 0, 1 << 20)["data"]
+
+    def test_killed_worker_goes_offline_and_restart_brings_back_finished_and_lost_jobs(self):
+        _, scheduler = self.spawn("scheduler", "--listen", "127.0.0.1:0", "--rpc-timeout", "2")
+        state_dir = self.tempdir()
+        proc, address, worker_id = self.spawn_worker(scheduler, state_dir)
+        client = self.client(scheduler)
+        wait_until(lambda: self.online_ids(client) == [worker_id], message="worker to register")
+        finished = client.start(worker_id, "sh", "", {"args": ["-c", "echo finished; exit 3"]})
+        running = client.start(worker_id, "sh", "", {
+            "args": ["-c", "echo started; sleep 60 & echo $!; wait"]})
+        self.wait_done(client, finished)
+        lines = wait_until(lambda: (lambda lines: len(lines) == 2 and lines)(
+            self.output_of(client, running).split()), message="the job's two lines")
+        leader, grandchild = client.query(running)["pid"], int(lines[1])
+        for pid in (leader, grandchild):
+            self.addCleanup(kill_if_same, pid, jobsched.process_start_time(pid))
+
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_until(lambda: not client.workers()[0]["online"], message="worker shown offline")
+        self.assertEqual(client.workers()[0]["worker_id"], worker_id)
+        for error in (fault_of(client.query, running), fault_of(client.stop, running),
+                      fault_of(self.output_of, client, running)):
+            self.assertIs(type(error), jobsched.Unavailable)  # fault 3, not our own timeout
+            self.assertIn("worker offline", str(error))
+        self.assertTrue(pid_alive(leader) and pid_alive(grandchild), "orphans outlive the worker")
+
+        _, new_address, same_id = self.spawn_worker(scheduler, state_dir)
+        self.assertEqual(same_id, worker_id)
+        wait_until(lambda: [(w["worker_id"], w["online"], w["address"]) for w in client.workers()]
+                   == [(worker_id, True, new_address)], message="worker back at its new address")
+        job = client.query(finished)
+        self.assertEqual((job["state"], job["exit_code"], job["error_text"]),
+                         ("failed", 3, "exit status 3"))
+        self.assertEqual(self.output_of(client, finished), b"finished\n")
+        job = client.query(running)
+        self.assertEqual((job["state"], job["done"], job["error"]), ("lost", True, True))
+        self.assertIn("worker restarted", job["error_text"])
+        reply = client.output(running, 0, 1 << 20)
+        self.assertEqual((reply["data"], reply["eof"]), (b"started\n%d\n" % grandchild, True))
+        self.assertEqual(job["output_bytes"], len(reply["data"]))
+        wait_until(lambda: not pid_alive(leader) and not pid_alive(grandchild),
+                   message="the restarted worker to kill the orphaned job's process group")
+
+    def test_restarted_scheduler_gets_workers_back_and_routes_old_jobs(self):
+        scheduler_proc, scheduler = self.spawn("scheduler", "--listen", "127.0.0.1:0")
+        workers = [self.spawn_worker(scheduler, self.tempdir()) for _ in range(2)]
+        ids = sorted(worker_id for _, _, worker_id in workers)
+        client = self.client(scheduler)
+        wait_until(lambda: self.online_ids(client) == ids, message="workers to register")
+        old = client.start(workers[0][2], "sleep", "", {"args": ["60"]})
+        done = client.start(workers[1][2], "sh", "", {"args": ["-c", "echo old"]})
+        self.wait_done(client, done)
+
+        scheduler_proc.kill()
+        scheduler_proc.wait(timeout=10)
+        self.assertIsInstance(fault_of(client.workers), jobsched.Unreachable)
+        self.spawn("scheduler", "--listen", scheduler)  # the same address, a new process
+        wait_until(lambda: fault_of(client.workers) is None and self.online_ids(client) == ids,
+                   timeout=20, message="workers to re-register with the new scheduler")
+        self.assertEqual(len(client.workers()), 2)  # the same ids, no new ones
+        self.assertEqual(client.query(old)["state"], "running")
+        self.assertEqual(client.query(done)["state"], "succeeded")
+        self.assertEqual(self.output_of(client, done), b"old\n")
+        self.assertTrue(client.stop(old))
+        job = client.query(old)
+        self.assertEqual((job["state"], job["worker_id"]), ("stopped", workers[0][2]))
+        self.assertLessEqual({old, done}, {j["job_id"] for j in client.jobs()})
+
+    def test_worker_without_scheduler_keeps_serving_and_registers_when_it_appears(self):
+        scheduler = "127.0.0.1:%d" % free_port()
+        proc, address, worker_id = self.spawn_worker(scheduler, self.tempdir())
+        worker = self.client(address)
+        job = worker.start("sh", "", {"args": ["-c", "echo alone"]})
+        self.assertEqual(self.wait_done(worker, job)["state"], "succeeded")
+
+        def log_text():
+            with open(proc.log_path) as f:
+                return f.read()
+        wait_until(lambda: "cannot reach scheduler" in log_text(), message="a failed attempt")
+        self.assertIsNone(proc.poll())
+        self.assertEqual(worker.info()["worker_id"], worker_id)
+
+        self.spawn("scheduler", "--listen", scheduler)
+        client = self.client(scheduler)
+        wait_until(lambda: self.online_ids(client) == [worker_id], timeout=20,
+                   message="the worker to register once the scheduler is up")
+        self.assertEqual(client.query(job)["state"], "succeeded")  # found by asking the workers
+
+    def test_stopped_worker_costs_only_its_own_requests(self):
+        _, scheduler = self.spawn("scheduler", "--listen", "127.0.0.1:0", "--rpc-timeout", "1.5")
+        _, healthy_address, healthy_id = self.spawn_worker(scheduler, self.tempdir())
+        # A long heartbeat keeps the hung worker "online", so requests really go to it.
+        hung, hung_address, hung_id = self.spawn_worker(scheduler, self.tempdir(),
+                                                        "--heartbeat", "5")
+        client = self.client(scheduler)
+        wait_until(lambda: self.online_ids(client) == sorted([healthy_id, hung_id]),
+                   message="workers to register")
+        healthy_job = client.start(healthy_id, "sh", "", {"args": ["-c", "echo healthy"]})
+        hung_job = client.start(hung_id, "sh", "", {"args": ["-c", "echo hung"]})
+        self.wait_done(client, healthy_job)
+        self.wait_done(client, hung_job)
+
+        hung.send_signal(signal.SIGSTOP)
+        self.addCleanup(lambda: hung.poll() is None and hung.send_signal(signal.SIGCONT))
+        # A scheduler that knows no job ids yet (as after a restart) asks every worker.
+        fresh = self.scheduler(rpc_timeout=1.5)
+        for address, worker_id in ((healthy_address, healthy_id), (hung_address, hung_id)):
+            fresh.register(address, {"worker_id": worker_id})
+        outcome = {}
+        request = threading.Thread(target=lambda: outcome.update(
+            error=fault_of(client.query, hung_job),
+            unknown=fault_of(self.client(fresh).query, "no-such-job")))
+        request.start()
+        # Shorter than the scheduler's --rpc-timeout: would time out if the hung worker held a
+        # lock or a connection that these requests need.
+        self.assertEqual(self.client(fresh, timeout=1.0).query(healthy_job)["state"], "succeeded")
+        quick = self.client(scheduler, timeout=1.0)
+        calls = 0
+        deadline = time.monotonic() + 20
+        while request.is_alive() and time.monotonic() < deadline:
+            self.assertEqual(quick.query(healthy_job)["state"], "succeeded")
+            self.assertIn(hung_id, [w["worker_id"] for w in quick.workers()])
+            self.assertEqual(self.output_of(quick, healthy_job), b"healthy\n")
+            calls += 1
+        request.join(timeout=20)
+        self.assertGreater(calls, 0)
+        self.assertIs(type(outcome["error"]), jobsched.Unavailable)  # fault 3 from the scheduler
+        self.assertIn("timed out", str(outcome["error"]))
+        # Not "not found": the job may be on the worker that did not answer.
+        self.assertIs(type(outcome["unknown"]), jobsched.Unavailable)
+        self.assertIn("did not", str(outcome["unknown"]))
+
+        hung.send_signal(signal.SIGCONT)
+        wait_until(lambda: fault_of(client.query, hung_job) is None, message="recovery")
+        self.assertEqual(client.query(hung_job)["state"], "succeeded")
+        self.assertEqual(self.output_of(client, hung_job), b"hung\n")
+
+    def test_keep_jobs_removes_oldest_records_and_output(self):
+        state_dir = self.tempdir()
+        _, address, _ = self.spawn_worker("", state_dir, "--keep-jobs", "3")
+        worker = self.client(address)
+        ids = []
+        for i in range(5):
+            ids.append(worker.start("sh", "", {"args": ["-c", "echo job %d" % i]}))
+            self.wait_done(worker, ids[-1])
+        wait_until(lambda: all(isinstance(fault_of(worker.query, j), jobsched.NotFound)
+                               for j in ids[:2]), message="the oldest two to expire")
+        for i, job_id in enumerate(ids[2:], 2):
+            self.assertEqual(worker.query(job_id)["state"], "succeeded")
+            self.assertEqual(self.output_of(worker, job_id), b"job %d\n" % i)
+        self.assertIs(type(fault_of(self.output_of, worker, ids[0])), jobsched.NotFound)
+        files = {name for name in os.listdir(state_dir) if name.endswith((".json", ".out"))}
+        self.assertEqual(files, {j + ext for j in ids[2:] for ext in (".json", ".out")})
+        self.assertEqual([j["job_id"] for j in worker.jobs()], ids[2:])
+
+    def test_full_disk_fails_start_cleanly_and_worker_keeps_serving(self):
+        _, scheduler = self.spawn("scheduler", "--listen", "127.0.0.1:0")
+        state_dir = self.tempdir()
+        # Room for the 37-byte worker_id file, not for a job record.
+        full, address = run_limited(self, 100, *worker_args(scheduler, state_dir))
+        self.assertIsNotNone(address, full.stderr.read().decode() if full.poll() else "")
+        full_id = self.client(address).info()["worker_id"]
+        _, _, ok_id = self.spawn_worker(scheduler, self.tempdir())
+        client = self.client(scheduler)
+        wait_until(lambda: self.online_ids(client) == sorted([full_id, ok_id]),
+                   message="workers to register")
+
+        error = fault_of(client.start, full_id, "sleep", "", {"args": ["30"]})
+        self.assertIs(type(error), jobsched.Unavailable)
+        self.assertIn("cannot write job", str(error))
+        self.assertIn(state_dir, str(error))
+        self.assertEqual(sorted(os.listdir(state_dir)), ["lock", "worker_id"])  # nothing left
+        self.assertEqual(self.client(address).jobs(), [])
+        since = time.time()
+        wait_until(lambda: [w["last_seen"] for w in client.workers()
+                            if w["worker_id"] == full_id][0] > since and
+                   self.online_ids(client) == sorted([full_id, ok_id]),
+                   message="the full worker to keep heartbeating")
+        for _ in range(3):  # placement skips the refusing worker
+            job_id = client.start("", "sh", "", {"args": ["-c", "exit 0"]})
+            self.assertEqual(self.wait_done(client, job_id)["worker_id"], ok_id)
+
+    def test_unwritable_state_dir_refuses_start_then_recovers(self):
+        state_dir = self.tempdir()
+        worker = self.worker(None, state_dir=state_dir)
+        client = self.client(worker)
+        os.rename(state_dir, state_dir + ".gone")  # e.g. removed by a tmp cleaner
+        self.addCleanup(lambda: os.path.isdir(state_dir + ".gone") and os.rename(
+            state_dir + ".gone", state_dir))
+        error = fault_of(client.start, "sh", "", {"args": ["-c", "exit 0"]})
+        self.assertIs(type(error), jobsched.Unavailable)
+        self.assertIn("cannot write job output in %s" % state_dir, str(error))
+        self.assertEqual(client.jobs(), [])
+        self.assertEqual(client.info()["running"], 0)  # the slot was given back
+        os.rename(state_dir + ".gone", state_dir)
+        job_id = client.start("sh", "", {"args": ["-c", "exit 0"]})
+        self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+
+    def test_worker_on_unwritable_state_dir_exits_2_with_a_message(self):
+        state_dir = self.tempdir()
+        proc, address = run_limited(self, 10, *worker_args("", state_dir))  # worker_id won't fit
+        self.assertIsNone(address)
+        stderr = proc.communicate(timeout=15)[1].decode()
+        self.assertEqual(proc.returncode, 2, stderr)
+        self.assertIn("cannot use state dir %s" % state_dir, stderr)
+        self.assertNotIn("Traceback", stderr)
+
+
 if __name__ == "__main__":
     unittest.main()
