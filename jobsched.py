@@ -1514,17 +1514,16 @@ class Scheduler(_Role):
             with self.workers_lock:
                 rec.running += 1
         else:
-            tried, refusal = set(), ""
+            tried = set()
             while True:
                 rec = self._pick_worker(tried)
-                if rec is None:  # say why the last one refused: full, disk full, unreachable...
-                    raise Unavailable("no worker has a free slot" + refusal)
+                if rec is None:
+                    raise Unavailable("no worker has a free slot")
                 try:
                     job_id = rec.client.call("start", *params)
                     break
-                except Unavailable as e:  # full, shutting down or unreachable: try the next
-                    log.debug("worker %s refused a job: %s", rec.worker_id, e)
-                    refusal = " (worker %s: %s)" % (rec.worker_id[:8], e)
+                except Unavailable as e:  # full, disk full, shutting down or unreachable: next
+                    log.info("worker %s refused a job: %s", rec.worker_id, e)
                     tried.add(rec.worker_id)
                     with self.workers_lock:
                         rec.running -= 1

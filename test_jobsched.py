@@ -4,8 +4,10 @@ Run: python3 -m unittest -v test_jobsched
 """
 
 import json
+import logging
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -17,6 +19,7 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+import uuid
 import xmlrpc.client
 
 import jobsched
@@ -24,6 +27,10 @@ import jobsched
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOBSCHED = os.path.join(HERE, "jobsched.py")
 COUNT_SH = os.path.join(HERE, "examples", "count.sh")
+
+# The roles log through the "jobsched" logger; keep Python's last-resort handler from printing
+# their warnings (e.g. "running as root") into the test report.
+logging.getLogger("jobsched").addHandler(logging.NullHandler())
 
 
 def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
@@ -524,6 +531,852 @@ class ResilienceTest(ClusterTestCase):
         self.assertEqual(proc.returncode, 2, stderr)
         self.assertIn("cannot use state dir %s" % state_dir, stderr)
         self.assertNotIn("Traceback", stderr)
+
+
+def job_keys(*extra):
+    """The keys of a job struct: those every job has, plus extra."""
+    return {"job_id", "worker_id", "command", "path", "args", "state", "done", "error",
+            "error_text", "pid", "started_at", "output_bytes"} | set(extra)
+
+
+def worker_keys():
+    return {"worker_id", "address", "online", "slots", "running", "last_seen", "hostname", "version"}
+
+
+def py_args(code, *args):
+    """start() options that run `python -c code args...`."""
+    return {"args": ["-c", code] + list(args)}
+
+
+def sh_args(script, *args):
+    """start() options that run `sh -c script sh args...` (the command is "sh")."""
+    return {"args": ["-c", script, "sh"] + list(args)}
+
+
+def read_pidfile(path):
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.endswith("\n") and text.strip().isdigit() else None
+
+
+def raw_fault(address, method, *params):
+    """(faultCode, faultString) of a raw XML-RPC call that must fault."""
+    proxy = xmlrpc.client.ServerProxy("http://%s/RPC2" % address)
+    try:
+        getattr(proxy, method)(*params)
+    except xmlrpc.client.Fault as fault:
+        return fault.faultCode, fault.faultString
+    finally:
+        proxy("close")()
+    raise AssertionError("%s%r did not fault" % (method, params))
+
+
+def no_proxy_open(request):
+    """urlopen, ignoring any http_proxy in the environment: the servers are on loopback."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30)
+
+
+def http(address, method, path, body=None):
+    """(status, decoded JSON reply) of one request; body is a dict (sent as JSON) or bytes."""
+    if body is not None and not isinstance(body, bytes):
+        body = json.dumps(body).encode("utf-8")
+    request = urllib.request.Request("http://%s%s" % (address, path), data=body, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with no_proxy_open(request) as reply:
+            return reply.status, json.loads(reply.read().decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read().decode("utf-8"))
+        finally:
+            e.close()
+
+
+def raw_xmlrpc(address, method, *params, path="/RPC2"):
+    """The raw body of an XML-RPC response, as any other language's client would see it."""
+    body = xmlrpc.client.dumps(params, method).encode("utf-8")
+    request = urllib.request.Request("http://%s%s" % (address, path), data=body, method="POST",
+                                     headers={"Content-Type": "text/xml"})
+    with no_proxy_open(request) as reply:
+        return reply.read()
+
+
+def read_until(proc, marker, timeout=20.0):
+    """Read proc.stdout (unbuffered, from its fd) until marker shows up; returns what was read."""
+    fd, data = proc.stdout.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while marker not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError("timed out waiting for %r; got %r" % (marker, data))
+        if select.select([fd], [], [], remaining)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError("EOF before %r; got %r" % (marker, data))
+            data += chunk
+    return data
+
+
+def job_files(state_dir):
+    return sorted(n for n in os.listdir(state_dir) if n not in ("lock", "worker_id"))
+
+
+class WorkerRPCTest(ClusterTestCase):
+    """The worker's RPCs called directly on a standalone worker (scheduler=None), one for the
+    class; each test stops the jobs it leaves running."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.state_dir = tempfile.mkdtemp(prefix="jobsched-test-")
+        try:
+            cls.w = jobsched.Worker("127.0.0.1:0", scheduler=None, state_dir=cls.state_dir, slots=16,
+                                    stop_grace=1.0).start_serving()
+        except BaseException:
+            shutil.rmtree(cls.state_dir, ignore_errors=True)
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.w.close()
+        shutil.rmtree(cls.state_dir, ignore_errors=True)
+
+    def setUp(self):
+        self.c = self.client(self.w)
+
+    def start_running(self, command, options=None, path=""):
+        job_id = self.c.start(command, path, options or {})
+        self.addCleanup(self.c.stop, job_id)
+        return job_id
+
+    def start_done(self, command, options=None, path=""):
+        return self.wait_done(self.c, self.c.start(command, path, options or {}))
+
+    def test_success_struct_and_go_wording(self):
+        job = self.start_done("sh", sh_args("printf hi"))
+        self.assertEqual(set(job), job_keys("exit_code", "finished_at"))
+        self.assertEqual((job["state"], job["done"], job["error"], job["error_text"], job["exit_code"]),
+                         ("succeeded", True, False, "", 0))
+        self.assertEqual(job["worker_id"], self.w.worker_id)
+        self.assertEqual((job["command"], job["path"], job["args"]), ("sh", "", sh_args("printf hi")["args"]))
+        self.assertEqual(job["output_bytes"], 2)
+        self.assertIsInstance(job["pid"], int)
+        self.assertLessEqual(job["started_at"], job["finished_at"])
+        self.assertLess(abs(job["finished_at"] - time.time()), 3600)  # seconds since the epoch
+        uuid.UUID(job["job_id"])
+
+    def test_exit_status(self):
+        job = self.start_done("sh", sh_args("exit 3"))
+        self.assertEqual((job["state"], job["error"], job["error_text"], job["exit_code"]),
+                         ("failed", True, "exit status 3", 3))
+        self.assertNotIn("signal", job)
+
+    def test_killed_by_signal(self):
+        job = self.start_done("sh", sh_args("kill -9 $$"))
+        self.assertEqual((job["state"], job["error"], job["error_text"], job["signal"]),
+                         ("failed", True, "signal: killed", 9))
+        self.assertNotIn("exit_code", job)
+
+    def test_running_struct_then_stop(self):
+        job_id = self.start_running("sleep", {"args": ["300"]})
+        running = self.c.query(job_id)
+        self.assertEqual((running["state"], running["done"], running["error"], running["error_text"]),
+                         ("running", False, False, ""))
+        self.assertEqual(set(running), job_keys())
+        self.assertTrue(pid_alive(running["pid"]))
+        self.assertIs(self.c.stop(job_id), True)
+        job = self.c.query(job_id)  # stop returns once the job has ended
+        self.assertEqual((job["state"], job["done"], job["error"], job["error_text"], job["signal"]),
+                         ("stopped", True, True, "signal: terminated", signal.SIGTERM))
+        self.assertEqual(set(job), job_keys("signal", "finished_at"))
+        self.assertIs(self.c.stop(job_id), True)  # finished: a no-op returning true
+        self.assertEqual(self.c.query(job_id), job)
+
+    def test_timeout(self):
+        job = self.start_done("sleep", {"args": ["300"], "timeout": 0.2})
+        self.assertEqual((job["state"], job["error_text"], job["signal"]),
+                         ("timeout", "signal: terminated", signal.SIGTERM))
+
+    def test_argv_is_command_path_args_without_shell(self):
+        script = os.path.join(self.tempdir(), "argv.py")
+        with open(script, "w") as f:
+            f.write("import json, sys\nsys.stdout.write(json.dumps(sys.argv))\n")
+        args = ["a b", "$HOME", "*", ";echo x", "", "'\""]
+        job = self.start_done(sys.executable, {"args": args}, path=script)
+        self.assertEqual(job["path"], script)
+        self.assertEqual(json.loads(self.c.output(job["job_id"])["data"].decode()), [script] + args)
+        job = self.start_done(sys.executable, py_args("import json,sys; print(json.dumps(sys.argv[1:]))", *args))
+        self.assertEqual(json.loads(self.c.output(job["job_id"])["data"].decode()), args)
+
+    def test_env_added_and_cwd(self):
+        cwd = os.path.realpath(self.tempdir())
+        job = self.start_done("sh", dict(sh_args('printf "%s|%s|%s" "$JOBSCHED_T_VAR" "$(pwd)" "${PATH:+set}"'),
+                                         env={"JOBSCHED_T_VAR": "a b=c"}, cwd=cwd))
+        self.assertEqual(self.c.output(job["job_id"])["data"].decode(), "a b=c|%s|set" % cwd)
+
+    def test_stdout_and_stderr_in_order(self):
+        job = self.start_done("sh", sh_args("echo out1; echo err1 >&2; echo out2; echo err2 >&2"))
+        self.assertEqual(self.c.output(job["job_id"])["data"], b"out1\nerr1\nout2\nerr2\n")
+        with open(os.path.join(self.state_dir, job["job_id"] + ".out"), "rb") as f:
+            self.assertEqual(f.read(), b"out1\nerr1\nout2\nerr2\n")
+
+    def test_output_offset_max_bytes_eof(self):
+        job_id = self.start_done("sh", sh_args("printf 0123456789"))["job_id"]
+        out = self.c.output(job_id, 0, 4)
+        self.assertEqual((out["data"], out["offset"], out["eof"]), (b"0123", 4, False))
+        out = self.c.output(job_id, 4, 100)
+        self.assertEqual((out["data"], out["offset"], out["eof"]), (b"456789", 10, True))
+        out = self.c.output(job_id, 10, 100)
+        self.assertEqual((out["data"], out["offset"], out["eof"]), (b"", 10, True))
+        out = self.c.output(job_id, 3, 0)
+        self.assertEqual((out["data"], out["offset"], out["eof"]), (b"", 3, False))
+        # Any number of readers, from any offset, after the end: a second client agrees.
+        self.assertEqual(self.client(self.w).output(job_id, 7, 2)["data"], b"78")
+
+    def test_output_max_bytes_capped_at_1_mib(self):
+        job_id = self.start_done(sys.executable, py_args(
+            "import sys; sys.stdout.buffer.write(b'x' * (3 * 1024 * 1024 // 2))"))["job_id"]
+        out = self.c.output(job_id, 0, 8 * 1024 * 1024)
+        self.assertEqual((len(out["data"]), out["offset"], out["eof"]), (1024 * 1024, 1024 * 1024, False))
+        out = self.c.output(job_id, out["offset"], 8 * 1024 * 1024)
+        self.assertEqual((len(out["data"]), out["eof"]), (512 * 1024, True))
+
+    def test_binary_output_survives(self):
+        payload = bytes(range(256)) + b"\xff\xfe\xc3(\x00\r\n\x1b[31m]]>"
+        job_id = self.start_done(sys.executable, py_args(
+            "import sys; sys.stdout.buffer.write(bytes.fromhex(sys.argv[1]))", payload.hex()))["job_id"]
+        self.assertEqual(self.c.output(job_id)["data"], payload)
+        self.assertEqual(self.c.query(job_id)["output_bytes"], len(payload))
+
+    def test_long_poll_returns_when_bytes_arrive(self):
+        # The job prints "ready", then one line per SIGUSR1; it ends on SIGTERM.
+        job_id = self.start_running(sys.executable, py_args(
+            "import signal, sys\n"
+            "signal.signal(signal.SIGUSR1, lambda *a: (sys.stdout.write('hello\\n'), sys.stdout.flush()))\n"
+            "print('ready', flush=True)\n"
+            "while True: signal.pause()\n"))
+        wait_until(lambda: self.c.output(job_id)["data"] == b"ready\n", message="ready")
+        quiet = self.c.output(job_id, 6, 100, 0.2)  # no new bytes: waits, then answers empty
+        self.assertEqual((quiet["data"], quiet["offset"], quiet["eof"]), (b"", 6, False))
+        replies = []
+        poller = threading.Thread(target=lambda: replies.append(self.c.output(job_id, 6, 100, 60)))
+        poller.start()
+        self.addCleanup(poller.join, 70)
+        os.kill(self.c.query(job_id)["pid"], signal.SIGUSR1)
+        poller.join(20)  # far below wait_seconds=60: it answered because bytes came
+        self.assertFalse(poller.is_alive(), "output() kept waiting after bytes arrived")
+        self.assertEqual((replies[0]["data"], replies[0]["offset"], replies[0]["eof"]),
+                         (b"hello\n", 12, False))
+        # And a long-poll with nothing to read ends when the job ends.
+        poller = threading.Thread(target=lambda: replies.append(self.c.output(job_id, 12, 100, 60)))
+        poller.start()
+        self.addCleanup(poller.join, 70)
+        self.c.stop(job_id)
+        poller.join(20)
+        self.assertFalse(poller.is_alive(), "output() kept waiting after the job ended")
+        self.assertEqual((replies[1]["data"], replies[1]["eof"]), (b"", True))
+
+    def test_stop_kills_grandchild(self):
+        pidfile = os.path.join(self.tempdir(), "pid")
+        # The grandchild ignores SIGTERM; its parent dies of it: only the group KILL can get it.
+        job_id = self.start_running("sh", sh_args('(trap "" TERM; exec sleep 300) & echo $! > "$1"; wait', pidfile))
+        grandchild = wait_until(lambda: read_pidfile(pidfile), message="grandchild pid")
+        self.addCleanup(lambda: pid_alive(grandchild) and os.kill(grandchild, signal.SIGKILL))
+        self.assertTrue(pid_alive(grandchild))
+        self.assertIs(self.c.stop(job_id), True)
+        wait_until(lambda: not pid_alive(grandchild), message="grandchild to die")
+        self.assertEqual(self.c.query(job_id)["state"], "stopped")
+
+    def test_stop_kills_after_grace(self):
+        pidfile = os.path.join(self.tempdir(), "pid")
+        c = self.client(self.worker(None, stop_grace=0.3))
+        job_id = c.start("sh", "", sh_args('trap "" TERM; sleep 300 & echo $! > "$1"; wait', pidfile))
+        grandchild = wait_until(lambda: read_pidfile(pidfile), message="grandchild pid")
+        self.addCleanup(lambda: pid_alive(grandchild) and os.kill(grandchild, signal.SIGKILL))
+        self.assertIs(c.stop(job_id), True)
+        job = c.query(job_id)
+        self.assertEqual((job["state"], job["error_text"], job["signal"]),
+                         ("stopped", "signal: killed", signal.SIGKILL))
+        wait_until(lambda: not pid_alive(grandchild), message="grandchild to die")
+
+    def test_cannot_start_is_fault_2_without_files(self):
+        before, jobs_before = job_files(self.state_dir), self.c.jobs()
+        plain = os.path.join(self.tempdir(), "not-executable")
+        with open(plain, "w") as f:
+            f.write("#!/bin/sh\necho hi\n")
+        os.chmod(plain, 0o644)
+        cases = [("/nonexistent/jobsched-cmd", {}, "No such file"),
+                 ("jobsched-no-such-command-%s" % uuid.uuid4().hex[:8], {}, "No such file"),
+                 (plain, {}, "Permission denied"),
+                 ("sh", dict(sh_args("true"), cwd="/nonexistent/jobsched-dir"), "No such file")]
+        for command, options, reason in cases:
+            with self.subTest(command=command, options=options):
+                code, message = raw_fault(self.w.address, "start", command, "", options)
+                self.assertEqual(code, 2)
+                self.assertIn(reason, message)
+                self.assertNotIn("\n", message)
+                with self.assertRaises(jobsched.BadRequest):
+                    self.c.start(command, "", options)
+        self.assertEqual(job_files(self.state_dir), before)
+        self.assertEqual(len(self.c.jobs()), len(jobs_before))
+        self.assertEqual(self.c.info()["running"], sum(not j["done"] for j in jobs_before))
+
+    def test_bad_requests_are_fault_2_unknown_job_fault_1(self):
+        address = self.w.address
+        for method, params in [("start", ("sh", "", {"bogus": 1})), ("start", (5, "")),
+                               ("start", ("sh", "", {"args": "notalist"})),
+                               ("start", ("sh", "", {"env": {"A": 1}})),
+                               ("start", ("sh", "", {"timeout": "soon"})),
+                               ("start", ("", "")), ("query", (5,)), ("query", ("a", "b")),
+                               ("output", ("x", "a", 10)), ("output", ("x", -1, 10)),
+                               ("no_such_method", ()), ("_get", ("x",))]:
+            with self.subTest(method=method, params=params):
+                self.assertEqual(raw_fault(address, method, *params)[0], 2)
+        for method, params in [("query", ("nope",)), ("stop", ("nope",)), ("output", ("nope", 0, 10))]:
+            with self.subTest(method=method):
+                self.assertEqual(raw_fault(address, method, *params)[0], 1)
+
+    def test_jobs_and_info(self):
+        first = self.start_done("sh", sh_args("true"))
+        second = self.start_running("sleep", {"args": ["300"]})
+        jobs = self.c.jobs()
+        self.assertEqual([j["job_id"] for j in jobs][-2:], [first["job_id"], second])  # oldest first
+        self.assertEqual(jobs[-2], first)
+        info = self.c.info()
+        self.assertLessEqual(worker_keys(), set(info))
+        self.assertEqual((info["worker_id"], info["address"], info["online"], info["slots"], info["running"],
+                          info["version"]), (self.w.worker_id, self.w.address, True, 16,
+                                             sum(not j["done"] for j in jobs), jobsched.__version__))
+        self.assertNotEqual(self.w.address.rsplit(":", 1)[1], "0")
+
+    def test_full_worker_refuses_with_fault_3(self):
+        w = self.worker(None, slots=1)
+        c = self.client(w)
+        job_id = c.start("sleep", "", {"args": ["300"]})
+        self.assertEqual(raw_fault(w.address, "start", "sleep", "", {"args": ["1"]})[0], 3)
+        c.stop(job_id)
+        self.wait_done(c, c.start("true", ""))  # the slot is free again
+
+    def test_no_nil_in_responses(self):
+        job_id = self.start_running("sleep", {"args": ["300"]})
+        for path in ("/RPC2", "/"):
+            for method, params in [("query", (job_id,)), ("jobs", ()), ("info", ()),
+                                   ("output", (job_id, 0, 10)), ("query", ("nope",))]:
+                body = raw_xmlrpc(self.w.address, method, *params, path=path)
+                self.assertNotIn(b"<nil", body)
+                self.assertIn(b"<methodResponse>", body)
+
+
+class WorkerStateDirTest(ClusterTestCase):
+
+    def test_restart_keeps_worker_id_and_finished_jobs(self):
+        state_dir = self.tempdir()
+        first = self.worker(None, state_dir=state_dir)
+        c = self.client(first)
+        job_id = c.start("sh", "", sh_args("echo out; echo err >&2; exit 3"))
+        job = self.wait_done(c, job_id)
+        first.close()
+        second = self.worker(None, state_dir=state_dir)
+        self.assertEqual(second.worker_id, first.worker_id)
+        c = self.client(second)
+        self.assertEqual(c.query(job_id), job)
+        self.assertEqual(c.output(job_id, 0, 100)["data"], b"out\nerr\n")
+        self.assertEqual(c.output(job_id, 4, 100), {"data": b"err\n", "offset": 8, "eof": True})
+        self.assertEqual(c.jobs(), [job])
+        self.assertEqual(c.stop(job_id), True)
+
+    def test_jobs_running_when_the_worker_died_come_back_lost_and_killed(self):
+        state_dir, pidfile = self.tempdir(), os.path.join(self.tempdir(), "pid")
+        proc, address = self.spawn("worker", "--listen", "127.0.0.1:0", "--scheduler", "",
+                                   "--state-dir", state_dir)
+        c = self.client(address)
+        job_id = c.start("sh", "", sh_args('sleep 300 & echo $! > "$1"; wait', pidfile))
+        leader = c.query(job_id)["pid"]
+        grandchild = wait_until(lambda: read_pidfile(pidfile), message="grandchild pid")
+        for pid in (leader, grandchild):
+            self.addCleanup(lambda pid=pid: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
+        proc.kill()  # no chance to stop its jobs
+        proc.wait(timeout=10)
+        self.assertTrue(pid_alive(grandchild))
+        c = self.client(self.worker(None, state_dir=state_dir))
+        job = c.query(job_id)
+        self.assertEqual((job["state"], job["done"], job["error"]), ("lost", True, True))
+        wait_until(lambda: not pid_alive(leader) and not pid_alive(grandchild),
+                   message="the lost job's processes to be killed")
+
+    def test_second_worker_on_state_dir_exits_2(self):
+        state_dir = self.tempdir()
+        self.worker(None, state_dir=state_dir)
+        result = self.cli("worker", "--listen", "127.0.0.1:0", "--scheduler", "", "--state-dir", state_dir)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        stderr = result.stderr.decode()
+        self.assertIn(state_dir, stderr)
+        self.assertIn("in use", stderr)
+        self.assertNotIn("Traceback", stderr)
+        with self.assertRaises(jobsched.ConfigError):
+            jobsched.Worker("127.0.0.1:0", scheduler=None, state_dir=state_dir)
+
+
+class SchedulerTest(ClusterTestCase):
+
+    def test_workers_listing_and_routing(self):
+        scheduler, (w,), c = self.cluster(1)
+        (listed,) = c.workers()
+        self.assertLessEqual(worker_keys(), set(listed))
+        self.assertEqual((listed["worker_id"], listed["address"], listed["online"], listed["slots"]),
+                         (w.worker_id, w.address, True, 4))
+        job_id = c.start("", "sh", "", sh_args("printf routed"))
+        job = self.wait_done(c, job_id)
+        self.assertEqual((job["worker_id"], job["state"]), (w.worker_id, "succeeded"))
+        self.assertEqual(c.output(job_id, 0, 100)["data"], b"routed")
+        self.assertEqual(c.query(w.worker_id, job_id), job)  # the seed's two-argument forms
+        self.assertIs(c.stop(w.worker_id, job_id), True)
+        self.assertEqual([j["job_id"] for j in c.jobs()], [job_id])
+        job_id = c.start(w.worker_id, "sleep", "", {"args": ["300"]})
+        self.assertEqual(c.query(job_id)["state"], "running")
+        self.assertIs(c.stop(job_id), True)
+        self.assertEqual(c.query(job_id)["state"], "stopped")
+        # A job the scheduler never routed (started on the worker directly) is found too.
+        direct = self.client(w).start("true", "")
+        self.assertEqual(self.wait_done(c, direct)["worker_id"], w.worker_id)
+
+    def test_binary_output_through_scheduler(self):
+        scheduler, (w,), c = self.cluster(1)
+        payload = bytes(range(256)) * 3 + b"\xff\xfe\x00"
+        job_id = c.start("", sys.executable, "", py_args(
+            "import sys; sys.stdout.buffer.write(bytes.fromhex(sys.argv[1]))", payload.hex()))
+        self.wait_done(c, job_id)
+        self.assertEqual(b"".join(c.follow(job_id)), payload)
+
+    def test_faults(self):
+        scheduler, (w,), c = self.cluster(1)
+        a = scheduler.address
+        for method, params in [("start", (1, 2, 3)), ("start", ("", "sh", "", {"bogus": 1})),
+                               ("start", ("", "", "")), ("query", (5,)), ("query", ()),
+                               ("query", ("a", "b", "c")), ("no_such_method", ()),
+                               ("register", (5,)), ("register", ("not an address",)),
+                               ("output", ("x", 0, 10, "long"))]:
+            with self.subTest(method=method, params=params):
+                self.assertEqual(raw_fault(a, method, *params)[0], 2)
+        for method, params in [("query", ("nope",)), ("stop", ("nope",)),
+                               ("output", ("nope", 0, 10)), ("query", (w.worker_id, "nope")),
+                               ("query", ("no-worker", "nope")), ("deregister", ("no-worker",)),
+                               ("start", ("no-worker", "true", ""))]:
+            with self.subTest(method=method, params=params):
+                self.assertEqual(raw_fault(a, method, *params)[0], 1)
+        with self.assertRaises(jobsched.NotFound):
+            c.query("nope")
+        with self.assertRaises(jobsched.BadRequest):
+            c.call("no_such_method")
+        for method, params in [("workers", ()), ("jobs", ()), ("info", ()), ("query", ("nope",)),
+                               ("register", (w.address, {"worker_id": w.worker_id}))]:
+            self.assertNotIn(b"<nil", raw_xmlrpc(a, method, *params))
+
+    def test_no_worker_fault_3(self):
+        scheduler = self.scheduler()
+        self.assertEqual(raw_fault(scheduler.address, "start", "", "true", ""),
+                         (3, "no worker has a free slot"))
+
+    def test_register_keeps_worker_id_and_deregister(self):
+        scheduler = self.scheduler()
+        c = self.client(scheduler)
+        w = self.worker(None)
+        self.assertEqual(c.register(w.address, {"worker_id": w.worker_id, "slots": 2}), w.worker_id)
+        fresh = c.register(w.address)
+        self.assertEqual(str(uuid.UUID(fresh)), fresh)
+        self.assertNotEqual(fresh, w.worker_id)
+        self.assertIs(c.deregister(fresh), True)
+        listed = {x["worker_id"]: x for x in c.workers()}
+        self.assertEqual(set(listed), {w.worker_id, fresh})
+        self.assertEqual((listed[w.worker_id]["online"], listed[w.worker_id]["slots"]), (True, 2))
+        self.assertIs(listed[fresh]["online"], False)
+        job_id = c.start("", "sh", "", sh_args("true"))
+        self.assertEqual(self.wait_done(c, job_id)["worker_id"], w.worker_id)
+        self.assertEqual(raw_fault(scheduler.address, "start", fresh, "true", ""), (3, "worker offline"))
+
+    def test_deregistered_worker_listed_offline_and_its_jobs_fault_3(self):
+        scheduler, (w,), c = self.cluster(1)
+        job_id = c.start("", "sleep", "", {"args": ["300"]})
+        w.close()  # stops its jobs, deregisters
+        wait_until(lambda: not c.workers()[0]["online"], message="worker offline")
+        (listed,) = c.workers()
+        self.assertEqual((listed["worker_id"], listed["online"]), (w.worker_id, False))
+        a = scheduler.address
+        for method, params in [("query", (job_id,)), ("stop", (job_id,)), ("output", (job_id, 0, 10)),
+                               ("query", (w.worker_id, job_id)), ("start", (w.worker_id, "true", ""))]:
+            with self.subTest(method=method):
+                self.assertEqual(raw_fault(a, method, *params), (3, "worker offline"))
+        code, message = raw_fault(a, "start", "", "true", "")
+        self.assertEqual((code, message), (3, "no worker has a free slot"))
+
+    # Placement: workers heartbeat rarely, so the scheduler's view of slots changes only by its
+    # own placements (and the heartbeats the test sends), never by a stale beat racing a start.
+
+    def test_placement_most_free_slots_then_none_free(self):
+        scheduler = self.scheduler()
+        small = self.worker(scheduler, slots=1, heartbeat=30)
+        big = self.worker(scheduler, slots=3, heartbeat=30)
+        c = self.client(scheduler)
+        wait_until(lambda: sum(x["online"] for x in c.workers()) == 2, message="workers to register")
+        placed = [c.query(c.start("", "sleep", "", {"args": ["300"]}))["worker_id"] for _ in range(4)]
+        self.assertEqual(placed[:2], [big.worker_id, big.worker_id])
+        self.assertEqual(sorted(placed[2:]), sorted([big.worker_id, small.worker_id]))
+        code, message = raw_fault(scheduler.address, "start", "", "sleep", "", {"args": ["300"]})
+        self.assertEqual((code, message), (3, "no worker has a free slot"))
+        self.assertEqual(raw_fault(scheduler.address, "start", small.worker_id, "true", "")[0], 3)
+
+    def test_placement_ties_round_robin(self):
+        scheduler = self.scheduler()
+        workers = [self.worker(scheduler, slots=1, heartbeat=30) for _ in range(2)]
+        c = self.client(scheduler)
+        wait_until(lambda: sum(x["online"] for x in c.workers()) == 2, message="workers to register")
+        placed = []
+        for _ in range(4):
+            placed.append(self.wait_done(c, c.start("", "true", ""))["worker_id"])
+            for w in workers:  # what each worker's next heartbeat would say
+                c.heartbeat(w.worker_id, {"running": 0})
+        self.assertEqual(set(placed), {w.worker_id for w in workers})
+        for previous, current in zip(placed, placed[1:]):
+            self.assertNotEqual(previous, current, placed)
+
+    def test_placement_tries_next_when_worker_refuses(self):
+        scheduler = self.scheduler()
+        roomy = self.worker(scheduler, slots=2, heartbeat=30)
+        other = self.worker(scheduler, slots=1, heartbeat=30)
+        c = self.client(scheduler)
+        wait_until(lambda: sum(x["online"] for x in c.workers()) == 2, message="workers to register")
+        direct = self.client(roomy)
+        for _ in range(2):  # fill it behind the scheduler's back: it still looks the most free
+            direct.start("sleep", "", {"args": ["300"]})
+        job_id = c.start("", "sleep", "", {"args": ["300"]})
+        self.assertEqual(c.query(job_id)["worker_id"], other.worker_id)
+        code, message = raw_fault(scheduler.address, "start", "", "true", "")
+        self.assertEqual((code, message), (3, "no worker has a free slot"))
+
+
+class JsonApiTest(ClusterTestCase):
+
+    def test_seed_routes(self):
+        scheduler, (w,), c = self.cluster(1)
+        a = scheduler.address
+        status, reply = http(a, "POST", "/start", {"worker_id": "", "command": "sleep", "path": "300"})
+        self.assertEqual((status, list(reply)), (201, ["job_id"]))
+        job_id = reply["job_id"]
+        status, job = http(a, "POST", "/query", {"worker_id": w.worker_id, "job_id": job_id})
+        self.assertEqual(status, 200)
+        self.assertEqual(set(job), job_keys())
+        self.assertEqual((job["done"], job["error"], job["error_text"], job["command"], job["path"]),
+                         (False, False, "", "sleep", "300"))
+        self.assertEqual(http(a, "POST", "/stop", {"worker_id": w.worker_id, "job_id": job_id}),
+                         (200, {"success": True}))
+        status, job = http(a, "POST", "/query", {"job_id": job_id})
+        self.assertEqual((status, job["done"], job["error"], job["error_text"], job["state"]),
+                         (200, True, True, "signal: terminated", "stopped"))
+        status, reply = http(a, "POST", "/start", {"worker_id": w.worker_id, "command": "sh",
+                                                   "args": ["-c", 'printf "%s" "$V"; exit 4'],
+                                                   "env": {"V": "json"}, "cwd": "/", "timeout": 30})
+        self.assertEqual(status, 201)
+        job = self.wait_done(c, reply["job_id"])
+        self.assertEqual((job["exit_code"], job["args"]), (4, ["-c", 'printf "%s" "$V"; exit 4']))
+        self.assertEqual(c.output(reply["job_id"])["data"], b"json")
+        status, listing = http(a, "GET", "/workers")
+        self.assertEqual((status, list(listing)), (200, ["workers"]))
+        self.assertEqual([x["worker_id"] for x in listing["workers"]], [w.worker_id])
+        self.assertLessEqual(worker_keys(), set(listing["workers"][0]))
+        status, listing = http(a, "GET", "/jobs")
+        self.assertEqual((status, list(listing)), (200, ["jobs"]))
+        self.assertEqual(sorted(j["job_id"] for j in listing["jobs"]), sorted([job_id, reply["job_id"]]))
+
+    def test_errors(self):
+        scheduler, (w,), c = self.cluster(1)
+        a = scheduler.address
+        cases = [
+            ("POST", "/start", b"{not json", 400), ("POST", "/start", b"\xff\xfe", 400),
+            ("POST", "/query", b"[1, 2]", 400), ("POST", "/stop", b'"job"', 400),
+            ("POST", "/start", {"worker_id": ""}, 400), ("POST", "/start", {"command": 5}, 400),
+            ("POST", "/start", {"command": "true", "bogus": 1}, 400),
+            ("POST", "/start", {"command": "true", "args": "x"}, 400),
+            ("POST", "/query", {}, 400),
+            ("POST", "/start", {"worker_id": "no-such-worker", "command": "true"}, 404),
+            ("POST", "/query", {"job_id": "no-such-job"}, 404),
+            ("POST", "/stop", {"worker_id": w.worker_id, "job_id": "no-such-job"}, 404),
+            ("POST", "/query", {"worker_id": "no-such-worker", "job_id": "no-such-job"}, 404),
+            ("GET", "/nothing", None, 404),
+        ]
+        for method, path, body, status in cases:
+            with self.subTest(path=path, body=body):
+                got, reply = http(a, method, path, body)
+                self.assertEqual(got, status, reply)
+                self.assertEqual(list(reply), ["error"])
+                self.assertIsInstance(reply["error"], str)
+        self.assertEqual(c.workers()[0]["online"], True)  # none of that hurt the cluster
+
+    def test_no_worker_is_503(self):
+        scheduler = self.scheduler()
+        status, reply = http(scheduler.address, "POST", "/start", {"worker_id": "", "command": "true", "path": ""})
+        self.assertEqual((status, reply), (503, {"error": "no worker has a free slot"}))
+
+
+class CommandLineTest(ClusterTestCase):
+    """The CLI as a user runs it: real processes against an in-process cluster (one for the
+    class; each test stops the jobs it leaves running)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.state_dir = tempfile.mkdtemp(prefix="jobsched-test-")
+        cls.sched = jobsched.Scheduler("127.0.0.1:0", rpc_timeout=5.0).start_serving()
+        cls.w = jobsched.Worker("127.0.0.1:0", scheduler=cls.sched.address, state_dir=cls.state_dir,
+                                slots=8, heartbeat=0.2, stop_grace=2.0).start_serving()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.w.close()
+        cls.sched.close()
+        shutil.rmtree(cls.state_dir, ignore_errors=True)
+
+    def setUp(self):
+        self.c = self.client(self.sched)
+        wait_until(lambda: [x["online"] for x in self.c.workers()] == [True], message="worker to register")
+        self.env = {"JOBSCHED_SCHEDULER": self.sched.address}
+
+    def start_running(self, *argv):
+        job_id = self.c.start("", argv[0], "", {"args": list(argv[1:])})
+        self.addCleanup(self.c.stop, job_id)
+        return job_id
+
+    def run_cli(self, *args, **kwargs):
+        return self.cli(*args, env=self.env, **kwargs)
+
+    def popen_cli(self, *args):
+        env = dict(os.environ, **self.env)
+        env.pop("JOBSCHED_TOKEN", None)
+        proc = subprocess.Popen([sys.executable, JOBSCHED] + list(args), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+        def cleanup():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            proc.stdout.close()
+            proc.stderr.close()
+        self.addCleanup(cleanup)
+        return proc
+
+    def test_start_prints_only_the_id(self):
+        cwd = self.tempdir()
+        result = self.run_cli("start", "--worker", self.w.worker_id, "--env", "K=v=w", "--cwd", cwd,
+                              "--timeout", "60", "--", "sh", "-c", 'printf "%s %s" "$K" "$0"', "zero")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        job_id = result.stdout.decode().strip()
+        self.assertEqual(result.stdout.decode(), job_id + "\n")
+        job = self.wait_done(self.c, job_id)
+        self.assertEqual((job["command"], job["path"], job["args"], job["worker_id"]),
+                         ("sh", "", ["-c", 'printf "%s %s" "$K" "$0"', "zero"], self.w.worker_id))
+        self.assertEqual(self.c.output(job_id)["data"], b"v=w zero")
+        result = self.cli("start", "--scheduler", self.sched.address, "--path", "/dev/null", "--", "cat")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        job = self.wait_done(self.c, result.stdout.decode().strip())
+        self.assertEqual((job["command"], job["path"], job["args"]), ("cat", "/dev/null", []))
+
+    def test_run_exit_codes(self):
+        cases = [(["true"], 0), (["sh", "-c", "exit 3"], 3), (["sh", "-c", "kill -9 $$"], 128 + 9),
+                 (["sh", "-c", "kill -TERM $$"], 128 + 15)]
+        procs = [(self.popen_cli("run", "--", *argv), status) for argv, status in cases]
+        for proc, status in procs:
+            out, err = proc.communicate(timeout=30)
+            self.assertEqual(proc.returncode, status, (out, err))
+            self.assertEqual(out, b"")
+
+    def test_run_streams_output_and_exits_with_code(self):
+        gate = os.path.join(self.tempdir(), "gate")
+        proc = self.popen_cli("run", "--", "sh", "-c",
+                              'echo first; echo to-stderr >&2; while [ ! -e "$1" ]; do sleep 0.02; done; '
+                              'echo second; exit 5', "sh", gate)
+        seen = read_until(proc, b"to-stderr\n")  # printed while the job still waits on the gate
+        self.assertEqual(seen, b"first\nto-stderr\n")
+        self.assertIsNone(proc.poll())
+        open(gate, "w").close()
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(seen + out, b"first\nto-stderr\nsecond\n")
+        self.assertEqual(proc.returncode, 5, err)
+
+    def test_run_ctrl_c_stops_the_job(self):
+        marker = uuid.uuid4().hex
+        proc = self.popen_cli("run", "--", "sh", "-c", "echo started; exec sleep 300", marker)
+        read_until(proc, b"started\n")
+        (job,) = [j for j in self.c.jobs() if marker in j["args"]]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 128 + 15, err)
+        self.assertNotIn(b"Traceback", err)
+        self.assertEqual(self.c.query(job["job_id"])["state"], "stopped")
+
+    def test_logs_exact_bytes_offset_and_follow(self):
+        payload = bytes(range(256)) + b"\xff\xfe\r\n"
+        job_id = self.c.start("", sys.executable, "", py_args(
+            "import sys; sys.stdout.buffer.write(bytes.fromhex(sys.argv[1]))", payload.hex()))
+        self.wait_done(self.c, job_id)
+        result = self.run_cli("logs", job_id)
+        self.assertEqual((result.returncode, result.stdout), (0, payload), result.stderr)
+        result = self.run_cli("logs", job_id, "--offset", "250")
+        self.assertEqual((result.returncode, result.stdout), (0, payload[250:]), result.stderr)
+        gate = os.path.join(self.tempdir(), "gate")
+        job_id = self.start_running("sh", "-c", 'echo one; while [ ! -e "$1" ]; do sleep 0.02; done; echo two',
+                                    "sh", gate)
+        wait_until(lambda: self.c.output(job_id)["data"] == b"one\n", message="first line")
+        result = self.run_cli("logs", job_id)  # without -f: what is there now, then exit
+        self.assertEqual((result.returncode, result.stdout), (0, b"one\n"), result.stderr)
+        proc = self.popen_cli("logs", "-f", job_id)
+        seen = read_until(proc, b"one\n")
+        self.assertIsNone(proc.poll())
+        open(gate, "w").close()
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, seen + out), (0, b"one\ntwo\n"), err)
+
+    def test_query_jobs_workers_json_and_stop(self):
+        job_id = self.start_running("sleep", "300")
+        calls = [("query", job_id, "--json"), ("query", job_id), ("jobs", "--json"), ("jobs",),
+                 ("workers", "--json"), ("workers",)]
+        procs = [self.popen_cli(*args) for args in calls]
+        out = {}
+        for args, proc in zip(calls, procs):
+            stdout, stderr = proc.communicate(timeout=30)
+            self.assertEqual(proc.returncode, 0, (args, stderr))
+            out[args] = stdout.decode()
+        job = json.loads(out[calls[0]])
+        self.assertEqual(set(job), job_keys())
+        self.assertEqual((job["job_id"], job["state"], job["args"]), (job_id, "running", ["300"]))
+        self.assertIn("state: running", out[calls[1]])
+        self.assertIn(job_id, [j["job_id"] for j in json.loads(out[calls[2]])["jobs"]])
+        self.assertIn(job_id, out[calls[3]])
+        (listed,) = json.loads(out[calls[4]])["workers"]
+        self.assertEqual((listed["worker_id"], listed["online"]), (self.w.worker_id, True))
+        self.assertIn(self.w.worker_id, out[calls[5]])
+        result = self.run_cli("stop", job_id)
+        self.assertEqual((result.returncode, result.stdout), (0, b""), result.stderr)
+        self.assertEqual(self.c.query(job_id)["state"], "stopped")
+
+    def test_help_of_every_command(self):
+        commands = ["scheduler", "worker", "start", "run", "stop", "query", "logs", "jobs", "workers",
+                    "demo"]
+        procs = [(command, self.popen_cli(*filter(None, [command, "--help"])))
+                 for command in commands + [None]]
+        for command, proc in procs:
+            out, err = proc.communicate(timeout=30)
+            self.assertEqual(proc.returncode, 0, (command, err))
+            self.assertIn(b"usage:", out)
+
+    def test_usage_errors_exit_2(self):
+        jobs_before = len(self.c.jobs())
+        cases = [[], ["bogus"], ["query"], ["start", "--"], ["logs", "x", "--offset", "-1"],
+                 ["start", "--env", "NOEQUALS", "--", "true"], ["jobs", "--scheduler", "not an address"]]
+        procs = [(args, self.popen_cli(*args)) for args in cases]
+        for args, proc in procs:
+            out, err = proc.communicate(timeout=30)
+            self.assertEqual(proc.returncode, 2, (args, out, err))
+            self.assertNotIn(b"Traceback", err)
+            self.assertTrue(err.strip(), args)
+        self.assertEqual(len(self.c.jobs()), jobs_before)  # a refused command line started nothing
+
+    def test_remote_error_exits_1_with_one_line(self):
+        not_a_scheduler = self.worker(None).address  # a worker has no workers() method
+        closed = socket.socket()  # bound, never listening: connection refused
+        closed.bind(("127.0.0.1", 0))
+        self.addCleanup(closed.close)
+        unreachable = "127.0.0.1:%d" % closed.getsockname()[1]
+        cases = [["query", "no-such-job"], ["stop", "no-such-job"], ["logs", "no-such-job"],
+                 ["start", "--worker", "no-such-worker", "--", "true"],
+                 ["workers", "--scheduler", not_a_scheduler], ["jobs", "--scheduler", unreachable]]
+        procs = [(args, self.popen_cli(*args)) for args in cases]
+        for args, proc in procs:
+            out, err = proc.communicate(timeout=30)
+            self.assertEqual((proc.returncode, out), (1, b""), (args, err))
+            self.assertEqual(len(err.decode().strip().splitlines()), 1, (args, err))
+            self.assertNotIn(b"Traceback", err)
+
+
+class ProcessTest(ClusterTestCase):
+    """Real role processes: signals, the state-dir lock, import hygiene, the demo."""
+
+    def test_worker_sigterm_stops_jobs_deregisters_exits_0(self):
+        scheduler = self.scheduler()
+        c = self.client(scheduler)
+        state_dir = self.tempdir()
+        proc, address = self.spawn("worker", "--listen", "127.0.0.1:0", "--scheduler", scheduler.address,
+                                   "--state-dir", state_dir, "--slots", "2", "--heartbeat", "0.2",
+                                   "--stop-grace", "2")
+        self.assertNotEqual(address.rsplit(":", 1)[1], "0")
+        (listed,) = wait_until(lambda: c.workers(), message="worker to register")
+        self.assertEqual((listed["address"], listed["online"], listed["slots"]), (address, True, 2))
+        job_ids = [c.start("", "sleep", "", {"args": ["300"]}) for _ in range(2)]
+        pids = [c.query(j)["pid"] for j in job_ids]
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=15), 0)
+        self.assertIs(c.workers()[0]["online"], False)
+        for job_id, pid in zip(job_ids, pids):
+            with open(os.path.join(state_dir, job_id + ".json")) as f:
+                record = json.load(f)
+            self.assertEqual((record["state"], record["done"]), ("stopped", True))
+            wait_until(lambda: not pid_alive(pid), message="job process to be gone")
+
+    def test_scheduler_signal_exits_0(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                proc, address = self.spawn("scheduler", "--listen", "127.0.0.1:0")
+                self.assertEqual(self.client(address).workers(), [])
+                proc.send_signal(signum)
+                self.assertEqual(proc.wait(timeout=15), 0)
+
+    def test_import_has_no_side_effects(self):
+        probe = (
+            "import json, logging, signal, sys, threading\n"
+            "sys.path.insert(0, %r)\n"
+            "def snapshot():\n"
+            "    handlers = {}\n"
+            "    for n in range(1, signal.NSIG):\n"
+            "        try: handlers[n] = repr(signal.getsignal(n))\n"
+            "        except (ValueError, OSError): pass\n"
+            "    return {'threads': [t.name for t in threading.enumerate()], 'signals': handlers,\n"
+            "            'root': [repr(h) for h in logging.root.handlers], 'level': logging.root.level}\n"
+            "before = snapshot()\n"
+            "import jobsched\n"
+            "after = snapshot()\n"
+            "after['jobsched_handlers'] = len(logging.getLogger('jobsched').handlers)\n"
+            "after['missing'] = [n for n in jobsched.__all__ if not hasattr(jobsched, n)]\n"
+            "print(json.dumps([before, after, jobsched.__version__]))\n" % HERE)
+        result = subprocess.run([sys.executable, "-c", probe], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=30)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        before, after, version = json.loads(result.stdout.decode())
+        self.assertEqual((after.pop("jobsched_handlers"), after.pop("missing")), (0, []))
+        self.assertEqual(after, before)
+        self.assertIsInstance(version, str)
+
+    def test_demo_exits_0_and_leaves_nothing_behind(self):
+        if not os.path.isdir("/proc/self"):
+            self.skipTest("needs /proc to look for leftover processes")
+        tmp = self.tempdir()
+        marker = "JOBSCHED_DEMO_MARKER=" + uuid.uuid4().hex
+
+        def marked_pids():
+            pids = []
+            for name in os.listdir("/proc"):
+                try:
+                    with open("/proc/%s/environ" % name, "rb") as f:
+                        if marker.encode() in f.read().split(b"\0"):
+                            pids.append(int(name))
+                except (OSError, ValueError):
+                    pass
+            return pids
+        result = self.cli("demo", env={"TMPDIR": tmp, marker.split("=")[0]: marker.split("=")[1]},
+                          timeout=40)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(b"Traceback", result.stderr)
+        self.assertIn(b"done\n", result.stdout)
+        self.assertEqual(marked_pids(), [])
+        self.assertEqual(os.listdir(tmp), [])
 
 
 if __name__ == "__main__":
