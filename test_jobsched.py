@@ -3,14 +3,19 @@
 Run: python3 -m unittest -v test_jobsched
 """
 
+import base64
+import http.client
 import json
 import logging
 import os
+import random
 import re
 import select
 import shutil
 import signal
 import socket
+import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -20,6 +25,7 @@ import unittest
 import urllib.error
 import urllib.request
 import uuid
+import warnings
 import xmlrpc.client
 
 import jobsched
@@ -579,7 +585,7 @@ def no_proxy_open(request):
     return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30)
 
 
-def http(address, method, path, body=None):
+def http_call(address, method, path, body=None):
     """(status, decoded JSON reply) of one request; body is a dict (sent as JSON) or bytes."""
     if body is not None and not isinstance(body, bytes):
         body = json.dumps(body).encode("utf-8")
@@ -1061,31 +1067,31 @@ class JsonApiTest(ClusterTestCase):
     def test_seed_routes(self):
         scheduler, (w,), c = self.cluster(1)
         a = scheduler.address
-        status, reply = http(a, "POST", "/start", {"worker_id": "", "command": "sleep", "path": "300"})
+        status, reply = http_call(a, "POST", "/start", {"worker_id": "", "command": "sleep", "path": "300"})
         self.assertEqual((status, list(reply)), (201, ["job_id"]))
         job_id = reply["job_id"]
-        status, job = http(a, "POST", "/query", {"worker_id": w.worker_id, "job_id": job_id})
+        status, job = http_call(a, "POST", "/query", {"worker_id": w.worker_id, "job_id": job_id})
         self.assertEqual(status, 200)
         self.assertEqual(set(job), job_keys())
         self.assertEqual((job["done"], job["error"], job["error_text"], job["command"], job["path"]),
                          (False, False, "", "sleep", "300"))
-        self.assertEqual(http(a, "POST", "/stop", {"worker_id": w.worker_id, "job_id": job_id}),
+        self.assertEqual(http_call(a, "POST", "/stop", {"worker_id": w.worker_id, "job_id": job_id}),
                          (200, {"success": True}))
-        status, job = http(a, "POST", "/query", {"job_id": job_id})
+        status, job = http_call(a, "POST", "/query", {"job_id": job_id})
         self.assertEqual((status, job["done"], job["error"], job["error_text"], job["state"]),
                          (200, True, True, "signal: terminated", "stopped"))
-        status, reply = http(a, "POST", "/start", {"worker_id": w.worker_id, "command": "sh",
+        status, reply = http_call(a, "POST", "/start", {"worker_id": w.worker_id, "command": "sh",
                                                    "args": ["-c", 'printf "%s" "$V"; exit 4'],
                                                    "env": {"V": "json"}, "cwd": "/", "timeout": 30})
         self.assertEqual(status, 201)
         job = self.wait_done(c, reply["job_id"])
         self.assertEqual((job["exit_code"], job["args"]), (4, ["-c", 'printf "%s" "$V"; exit 4']))
         self.assertEqual(c.output(reply["job_id"])["data"], b"json")
-        status, listing = http(a, "GET", "/workers")
+        status, listing = http_call(a, "GET", "/workers")
         self.assertEqual((status, list(listing)), (200, ["workers"]))
         self.assertEqual([x["worker_id"] for x in listing["workers"]], [w.worker_id])
         self.assertLessEqual(worker_keys(), set(listing["workers"][0]))
-        status, listing = http(a, "GET", "/jobs")
+        status, listing = http_call(a, "GET", "/jobs")
         self.assertEqual((status, list(listing)), (200, ["jobs"]))
         self.assertEqual(sorted(j["job_id"] for j in listing["jobs"]), sorted([job_id, reply["job_id"]]))
 
@@ -1107,7 +1113,7 @@ class JsonApiTest(ClusterTestCase):
         ]
         for method, path, body, status in cases:
             with self.subTest(path=path, body=body):
-                got, reply = http(a, method, path, body)
+                got, reply = http_call(a, method, path, body)
                 self.assertEqual(got, status, reply)
                 self.assertEqual(list(reply), ["error"])
                 self.assertIsInstance(reply["error"], str)
@@ -1115,7 +1121,7 @@ class JsonApiTest(ClusterTestCase):
 
     def test_no_worker_is_503(self):
         scheduler = self.scheduler()
-        status, reply = http(scheduler.address, "POST", "/start", {"worker_id": "", "command": "true", "path": ""})
+        status, reply = http_call(scheduler.address, "POST", "/start", {"worker_id": "", "command": "true", "path": ""})
         self.assertEqual((status, reply), (503, {"error": "no worker has a free slot"}))
 
 
@@ -1377,6 +1383,748 @@ class ProcessTest(ClusterTestCase):
         self.assertIn(b"done\n", result.stdout)
         self.assertEqual(marked_pids(), [])
         self.assertEqual(os.listdir(tmp), [])
+
+
+TLS_SH = os.path.join(HERE, "examples", "tls.sh")
+TOKEN = "s3cret-token-4f9a2c"
+
+# A certificate signed by the test CA whose subjectAltName does not name this host.
+ELSEWHERE_CNF = """[ req ]
+distinguished_name = req_dn
+[ req_dn ]
+[ elsewhere ]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth, clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid, issuer
+subjectAltName = DNS:elsewhere.invalid
+"""
+
+
+def run_openssl(args, cwd):
+    subprocess.run(["openssl"] + args, cwd=cwd, check=True, timeout=30,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def make_certificates(directory):
+    """examples/tls.sh into directory/a and directory/b (two CAs), plus a/elsewhere.{pem,key}."""
+    for name in ("a", "b"):
+        subprocess.run(["sh", TLS_SH, os.path.join(directory, name)], check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    a = os.path.join(directory, "a")
+    with open(os.path.join(a, "elsewhere.cnf"), "w") as f:
+        f.write(ELSEWHERE_CNF)
+    run_openssl(["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "elsewhere.key"], a)
+    run_openssl(["req", "-config", "elsewhere.cnf", "-new", "-key", "elsewhere.key",
+                 "-subj", "/CN=elsewhere", "-out", "elsewhere.csr"], a)
+    run_openssl(["x509", "-req", "-days", "2", "-in", "elsewhere.csr", "-CA", "ca.pem",
+                 "-CAkey", "ca.key", "-CAserial", "ca.srl", "-extfile", "elsewhere.cnf",
+                 "-extensions", "elsewhere", "-out", "elsewhere.pem"], a)
+    return a, os.path.join(directory, "b")
+
+
+def raw_http(address, data, timeout=10.0, shut_write=False):
+    """Send raw bytes to HOST:PORT and read one response: (status, headers, body);
+    (None, None, b"") when the server closed the connection without answering."""
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        try:
+            sock.sendall(data)
+            if shut_write:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server may answer and close before reading everything
+        response = http.client.HTTPResponse(sock)
+        try:
+            response.begin()
+        except (http.client.HTTPException, ConnectionResetError):
+            return None, None, b""  # no HTTP/1.x answer: closed (or an HTTP/0.9 reply)
+        return response.status, response.headers, response.read()
+    finally:
+        sock.close()
+
+
+def http_request(address, method, path, body=b"", headers=(), content_length=True):
+    lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s" % address]
+    if content_length:
+        lines.append("Content-Length: %d" % len(body))
+    lines.extend("%s: %s" % header for header in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def rpc_body(method, *params):
+    return xmlrpc.client.dumps(params, method).encode("utf-8")
+
+
+def xml_call(address, body, headers=()):
+    """POST an XML-RPC body; returns the Fault (or the result) the server answered with."""
+    status, _, reply = raw_http(address, http_request(
+        address, "POST", "/RPC2", body, (("Content-Type", "text/xml"),) + tuple(headers)))
+    assert status == 200, (status, reply[:200])
+    try:
+        return xmlrpc.client.loads(reply)[0][0]
+    except xmlrpc.client.Fault as fault:
+        return fault
+
+
+def url_open(url, data=None, headers=None, method=None):
+    """urllib without proxies from the environment: (status, body)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, e.read()
+        finally:
+            e.close()
+
+
+def handshake_in_memory(server_context, client_context):
+    """Whether the two contexts complete a TLS handshake (over memory BIOs, no sockets)."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_context.wrap_bio(c_in, c_out, server_hostname="localhost")
+    server = server_context.wrap_bio(s_in, s_out, server_side=True)
+    try:
+        for _ in range(20):
+            done = 0
+            for end in (client, server):
+                try:
+                    end.do_handshake()
+                    done += 1
+                except ssl.SSLWantReadError:
+                    pass
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+            if done == 2:
+                return True
+    except (ssl.SSLError, OSError):
+        return False
+    return False
+
+
+def capped_at_tls11(cafile):
+    """A client context that offers at most TLS 1.1 and would accept it, or None if impossible."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if hasattr(context, "maximum_version"):
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.maximum_version = ssl.TLSVersion.TLSv1_1
+        elif hasattr(ssl, "OP_NO_TLSv1_3"):
+            context.options &= ~(ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1)
+            context.options |= ssl.OP_NO_TLSv1_2 | ssl.OP_NO_TLSv1_3
+        else:
+            return None
+    return context
+
+
+def capture_jobsched_log(test, level=logging.INFO):
+    """Records of the 'jobsched' logger during the test (in-process roles)."""
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    handler = Keep(level)
+    logger = logging.getLogger("jobsched")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level, logger.getEffectiveLevel()))
+    test.addCleanup(logger.setLevel, old_level)
+    test.addCleanup(logger.removeHandler, handler)
+    return records
+
+
+class TLSTest(ClusterTestCase):
+    """Verified TLS both ways, mutual TLS, TLS 1.2 minimum, handshakes off the accept loop."""
+
+    @classmethod
+    def setUpClass(cls):
+        if shutil.which("openssl") is None:
+            print("\nTLSTest skipped: the openssl command is not installed", file=sys.stderr)
+            raise unittest.SkipTest("the openssl command is not installed")
+        cls.cert_dir = tempfile.mkdtemp(prefix="jobsched-tls-")
+        try:
+            cls.a, cls.b = make_certificates(cls.cert_dir)
+        except BaseException:
+            shutil.rmtree(cls.cert_dir, ignore_errors=True)
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.cert_dir, ignore_errors=True)
+
+    def files(self, name, ca=None, directory=None):
+        directory = directory or self.a
+        return {"tls_cert": os.path.join(directory, name + ".pem"),
+                "tls_key": os.path.join(directory, name + ".key"),
+                "tls_ca": os.path.join(ca or self.a, "ca.pem")}
+
+    def ca(self, directory=None):
+        return {"tls_ca": os.path.join(directory or self.a, "ca.pem")}
+
+    def test_tls_sh_made_verifiable_certificates_with_private_keys(self):
+        for name in ("ca", "scheduler", "worker", "client"):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.a, name + ".key")).st_mode), 0o600)
+        text = subprocess.run(["openssl", "x509", "-noout", "-text", "-in",
+                               os.path.join(self.a, "worker.pem")], stdout=subprocess.PIPE,
+                              timeout=30, check=True).stdout.decode()
+        self.assertIn("DNS:localhost", text)
+        self.assertIn("IP Address:127.0.0.1", text)
+
+    def test_client_verifies_a_tls_scheduler_and_a_tls_worker(self):
+        server_only = dict(self.files("scheduler"), tls_ca=None)
+        scheduler = self.scheduler(**server_only)
+        worker = self.worker(None, **dict(self.files("worker"), tls_ca=None))
+        for role in (scheduler, worker):
+            info = self.client(role, **self.ca()).info()
+            self.assertEqual(info["version"], jobsched.__version__)
+            self.assertEqual(self.client("https://" + role.address, **self.ca()).info()["version"],
+                             jobsched.__version__)
+            # the system trust store does not know our CA; another CA is not ours either
+            for kwargs in ({}, self.ca(self.b)):
+                with self.assertRaises(jobsched.Unreachable) as caught:
+                    self.client("https://" + role.address, **kwargs).info()
+                self.assertIn("certificate", str(caught.exception).lower())
+            with self.assertRaises(jobsched.Unreachable):
+                self.client(role.address).info()  # plain HTTP against a TLS server
+        client = self.client(worker, **self.ca())
+        job_id = client.start("sh", "", {"args": ["-c", "printf over-tls"]})
+        self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+        self.assertEqual(client.output(job_id)["data"], b"over-tls")
+
+    def test_mutual_tls_cluster_scheduler_dials_the_worker_over_tls(self):
+        scheduler = self.scheduler(**self.files("scheduler"))
+        worker = self.worker(scheduler, **self.files("worker"))
+        client = self.client(scheduler, **self.files("client"))
+        workers = wait_until(lambda: [w for w in client.workers() if w["online"]],
+                             message="the TLS worker to register")
+        self.assertEqual(workers[0]["worker_id"], worker.worker_id)
+        self.assertIs(workers[0]["tls"], True)
+        job_id = client.start("", "sh", "", {"args": ["-c", "echo mutual"]})
+        self.assertEqual(self.wait_done(client, job_id)["exit_code"], 0)
+        self.assertEqual(client.output(job_id)["data"], b"mutual\n")
+        self.assertEqual(self.client(worker, **self.files("client")).query(job_id)["state"],
+                         "succeeded")
+
+    def test_mutual_tls_refuses_no_certificate_and_other_ca(self):
+        scheduler = self.scheduler(**self.files("scheduler"))
+        self.assertEqual(self.client(scheduler, **self.files("client")).info()["role"], "scheduler")
+        refused = [
+            self.ca(),  # verifies the server but presents no certificate
+            self.files("client", ca=self.a, directory=self.b),  # a certificate from another CA
+        ]
+        for kwargs in refused:
+            with self.assertRaises(jobsched.Unreachable, msg=kwargs):
+                self.client(scheduler, **kwargs).info()
+        # the CLI reads the same files from the environment
+        env = {"JOBSCHED_TLS_CA": self.files("client")["tls_ca"],
+               "JOBSCHED_TLS_CERT": self.files("client")["tls_cert"],
+               "JOBSCHED_TLS_KEY": self.files("client")["tls_key"]}
+        done = self.cli("workers", "--json", "--scheduler", scheduler.address, env=env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(json.loads(done.stdout.decode()), {"workers": []})
+        done = self.cli("workers", "--scheduler", scheduler.address,
+                        env={"JOBSCHED_TLS_CA": env["JOBSCHED_TLS_CA"]})
+        self.assertEqual(done.returncode, 1, done.stderr)
+
+    def test_wrong_hostname_is_refused(self):
+        scheduler = self.scheduler(**dict(self.files("elsewhere"), tls_ca=None))
+        with self.assertRaises(jobsched.Unreachable):
+            self.client(scheduler, **self.ca()).info()
+        # the same CA and a certificate naming 127.0.0.1 and localhost is accepted
+        good = self.scheduler(**dict(self.files("scheduler"), tls_ca=None))
+        port = good.address.rsplit(":", 1)[1]
+        self.assertEqual(self.client("127.0.0.1:" + port, **self.ca()).info()["role"], "scheduler")
+        self.assertEqual(self.client("localhost:" + port, **self.ca()).info()["role"], "scheduler")
+
+    def test_tls_older_than_1_2_is_refused(self):
+        files = self.files("scheduler")
+        client_context = capped_at_tls11(files["tls_ca"])
+        if client_context is None:
+            self.skipTest("this Python cannot cap a client at TLS 1.1")
+        permissive = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        permissive.set_ciphers("DEFAULT:@SECLEVEL=0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if hasattr(permissive, "minimum_version"):
+                permissive.minimum_version = ssl.TLSVersion.TLSv1
+            else:
+                permissive.options &= ~(ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1)
+        permissive.load_cert_chain(files["tls_cert"], files["tls_key"])
+        if not handshake_in_memory(permissive, client_context):
+            self.skipTest("the local OpenSSL cannot negotiate TLS 1.1 at all (%s)"
+                          % ssl.OPENSSL_VERSION)
+        security = jobsched.Security(tls_cert=files["tls_cert"], tls_key=files["tls_key"])
+        server_context = security.server_context()
+        server_context.set_ciphers("DEFAULT:@SECLEVEL=0")  # so that only the version can refuse
+        self.assertFalse(handshake_in_memory(server_context, client_context))
+        scheduler = self.scheduler(**dict(files, tls_ca=None))
+        host, port = scheduler.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            with self.assertRaises((ssl.SSLError, OSError)):
+                client_context.wrap_socket(sock, server_hostname=host).close()
+        self.assertEqual(self.client(scheduler, **self.ca()).info()["role"], "scheduler")
+
+    def test_silent_client_does_not_block_others(self):
+        scheduler = self.scheduler(read_timeout=1.0, **self.files("scheduler"))
+        host, port = scheduler.address.rsplit(":", 1)
+        silent = socket.create_connection((host, int(port)), timeout=10)
+        self.addCleanup(silent.close)
+        half = socket.create_connection((host, int(port)), timeout=10)
+        self.addCleanup(half.close)
+        half.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then nothing
+        client = self.client(scheduler, **self.files("client"))
+        for _ in range(3):
+            self.assertEqual(client.info()["role"], "scheduler")
+        # and the server gives up on the silent ones after its read timeout
+        self.assertEqual(silent.recv(1024), b"")
+        self.assertEqual(half.recv(1024), b"")
+
+    def test_non_loopback_listen_is_allowed_with_mutual_tls_only(self):
+        jobsched.Scheduler("0.0.0.0:0", **self.files("scheduler")).server.server_close()
+        with self.assertRaises(jobsched.ConfigError) as caught:
+            jobsched.Scheduler("0.0.0.0:0", **dict(self.files("scheduler"), tls_ca=None))
+        self.assertIn("refusing to listen on 0.0.0.0 without protection", str(caught.exception))
+
+
+class TokenTest(ClusterTestCase):
+    """The token on both roles and the JSON routes, and where it must never show up."""
+
+    def test_token_accepted_and_refused_on_both_roles(self):
+        scheduler = self.scheduler(token=TOKEN)
+        worker = self.worker(scheduler, token=TOKEN)
+        client = self.client(scheduler, token=TOKEN)
+        wait_until(lambda: any(w["online"] for w in client.workers()),
+                   message="the worker to register with the token")
+        for role in (scheduler, worker):
+            good = xmlrpc.client.ServerProxy("http://jobsched:%s@%s" % (TOKEN, role.address))
+            self.addCleanup(good("close"))
+            self.assertEqual(good.info()["version"], jobsched.__version__)
+            for url in ("http://%s" % role.address, "http://jobsched:wrong@%s" % role.address):
+                bad = xmlrpc.client.ServerProxy(url)
+                self.addCleanup(bad("close"))
+                with self.assertRaises(xmlrpc.client.ProtocolError) as caught:
+                    bad.info()
+                self.assertEqual(caught.exception.errcode, 401)
+            body = rpc_body("info")
+            for header, status in ((None, 401), ("Bearer wrong", 401), ("Bearer " + TOKEN, 200),
+                                   ("Basic " + base64.b64encode(b"any:" + TOKEN.encode()).decode(), 200),
+                                   ("Basic " + base64.b64encode(b"any:wrong").decode(), 401)):
+                headers = {"Content-Type": "text/xml"}
+                if header:
+                    headers["Authorization"] = header
+                got, reply = url_open("http://%s/RPC2" % role.address, body, headers)
+                self.assertEqual(got, status, header)
+                if status == 401:
+                    self.assertEqual(reply, b"")
+            with self.assertRaises(jobsched.Unreachable) as caught:
+                self.client(role, token="bad-t0ken-xyz").info()
+            self.assertIn("401", str(caught.exception))
+            self.assertNotIn("bad-t0ken-xyz", str(caught.exception))
+
+    def test_token_on_json_routes(self):
+        scheduler = self.scheduler(token=TOKEN)
+        base = "http://%s" % scheduler.address
+        bearer = {"Authorization": "Bearer " + TOKEN}
+        self.assertEqual(url_open(base + "/workers", headers=bearer), (200, b'{"workers": []}'))
+        self.assertEqual(url_open(base + "/workers")[0], 401)
+        self.assertEqual(url_open(base + "/jobs", headers={"Authorization": "Bearer x"})[0], 401)
+        query = json.dumps({"job_id": "nope"}).encode()
+        self.assertEqual(url_open(base + "/query", query, bearer)[0], 404)
+        self.assertEqual(url_open(base + "/query", query)[0], 401)
+        self.assertEqual(url_open(base + "/start", b'{"command": "true"}')[0], 401)
+        status, body = url_open(base + "/start", b'{"command": "true"}', bearer)
+        self.assertEqual(status, 503, body)  # authorized, but no worker yet
+
+    def test_token_file_readable_by_others_is_refused(self):
+        directory = self.tempdir()
+        path = os.path.join(directory, "token")
+        with open(path, "w") as f:
+            f.write(TOKEN + "\n")
+        for mode in (0o644, 0o640, 0o602):
+            os.chmod(path, mode)
+            done = self.cli("scheduler", "--listen", "127.0.0.1:0", "--token-file", path)
+            self.assertEqual(done.returncode, 2, done.stderr)
+            message = done.stderr.decode()
+            self.assertIn("group or others", message)
+            self.assertIn("chmod 600", message)
+            self.assertNotIn(TOKEN, message)
+        done = self.cli("workers", "--token-file", path, "--scheduler", "127.0.0.1:1")
+        self.assertEqual(done.returncode, 2, done.stderr)
+        os.chmod(path, 0o600)
+        proc, address = self.spawn("scheduler", "--listen", "127.0.0.1:0", "--token-file", path)
+        self.assertEqual(self.client(address, token=TOKEN).info()["role"], "scheduler")
+        with self.assertRaises(jobsched.Unreachable):
+            self.client(address).info()
+        done = self.cli("workers", "--token-file", path, "--scheduler", address)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        done = self.cli("workers", "--scheduler", "http://jobsched:not-%s@%s" % (TOKEN[:4], address))
+        self.assertEqual(done.returncode, 1)
+        self.assertIn(b"401", done.stderr)
+        self.assertNotIn(b"not-" + TOKEN[:4].encode(), done.stderr)
+        self.assertNotIn(TOKEN.encode(), self.process_args(proc.pid))
+
+    def process_args(self, pid):
+        seen = b""
+        if os.path.exists("/proc/%d/cmdline" % pid):
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                seen += f.read()
+        if shutil.which("ps"):
+            seen += subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)],
+                                   stdout=subprocess.PIPE, timeout=10).stdout
+        self.assertIn(b"jobsched", seen)
+        return seen
+
+    def test_token_not_in_ps_job_environment_or_log(self):
+        proc, address = self.spawn("worker", "--listen", "127.0.0.1:0", "--scheduler", "",
+                                   "--state-dir", self.tempdir(), "--log-level", "debug",
+                                   env={"JOBSCHED_TOKEN": TOKEN, "JOBSCHED_CANARY": "visible"})
+        self.assertNotIn(TOKEN.encode(), self.process_args(proc.pid))
+        client = self.client(address, token=TOKEN)
+        job_id = client.start("env", "")
+        self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+        environment = client.output(job_id)["data"]
+        self.assertIn(b"JOBSCHED_CANARY=visible", environment)  # it is the worker's environment
+        self.assertNotIn(TOKEN.encode(), environment)
+        self.assertNotIn(b"JOBSCHED_TOKEN", environment)
+        for token in ("wrong-1", "wrong-2"):
+            with self.assertRaises(jobsched.Unreachable):
+                self.client(address, token=token).info()
+        client.stop(job_id)
+        with open(proc.log_path, "rb") as f:
+            log_text = f.read()
+        self.assertEqual(log_text.count(b"unauthorized request from 127.0.0.1"), 1, log_text)
+        self.assertIn(job_id.encode(), log_text)
+        self.assertNotIn(TOKEN.encode(), log_text)
+        self.assertNotIn(b"wrong-", log_text)
+
+
+class SafeDefaultsTest(ClusterTestCase):
+    """Listen policy, --allow, --jobs-dir, registered methods only, startup warnings."""
+
+    def test_refuses_non_loopback_without_protection(self):
+        for role in (["scheduler"], ["worker", "--scheduler", "", "--state-dir", self.tempdir()]):
+            done = self.cli(*(role + ["--listen", "0.0.0.0:0"]))
+            self.assertEqual(done.returncode, 2, done.stderr)
+            self.assertIn(
+                "refusing to listen on 0.0.0.0 without protection: configure a token "
+                "(--token-file or JOBSCHED_TOKEN) or mutual TLS (--tls-cert, --tls-key and "
+                "--tls-ca), or pass --insecure", done.stderr.decode())
+        with self.assertRaises(jobsched.ConfigError):
+            jobsched.Scheduler("0.0.0.0:0")
+        jobsched.Scheduler("0.0.0.0:0", token=TOKEN).server.server_close()
+
+    def test_insecure_allows_non_loopback(self):
+        proc, address = self.spawn("scheduler", "--listen", "0.0.0.0:0", "--insecure")
+        host, port = address.rsplit(":", 1)
+        self.assertEqual(host, "0.0.0.0")
+        self.assertEqual(self.client("127.0.0.1:" + port).info()["role"], "scheduler")
+        with open(proc.log_path) as f:
+            log_text = f.read()
+        import pyexpat
+        if pyexpat.version_info < (2, 6, 0):
+            self.assertIn("expat %s is older than 2.6.0" % pyexpat.EXPAT_VERSION, log_text)
+        else:
+            self.assertNotIn("older than 2.6.0", log_text)
+
+    def test_allow_limits_commands(self):
+        worker = self.worker(None, allow=["echo"])
+        client = self.client(worker)
+        job_id = client.start("echo", "", {"args": ["allowed"]})
+        self.wait_done(client, job_id)
+        self.assertEqual(client.output(job_id)["data"], b"allowed\n")
+        fake_bin = self.tempdir()
+        with open(os.path.join(fake_bin, "echo"), "w") as f:
+            f.write("#!/bin/sh\necho impostor\n")
+        os.chmod(os.path.join(fake_bin, "echo"), 0o755)
+        for command, options in (("sh", {"args": ["-c", "echo no"]}),
+                                 ("echo", {"env": {"PATH": fake_bin}}),
+                                 (os.path.join(fake_bin, "echo"), {})):
+            with self.assertRaises(jobsched.BadRequest) as caught:
+                client.start(command, "", options)
+            self.assertEqual(caught.exception.code, 2)
+            self.assertIn("not allowed", str(caught.exception))
+        proxy = xmlrpc.client.ServerProxy("http://" + worker.address)
+        self.addCleanup(proxy("close"))
+        with self.assertRaises(xmlrpc.client.Fault) as caught:
+            proxy.start("sh", "", {"args": ["-c", "true"]})
+        self.assertEqual(caught.exception.faultCode, 2)
+        # the file that was checked is the one that runs, even if PATH searched from cwd differs
+        self.assertFalse(os.path.exists("echo"))
+        job_id = client.start("echo", "", {"args": ["real"], "cwd": fake_bin,
+                                           "env": {"PATH": "." + os.pathsep + os.environ["PATH"]}})
+        self.wait_done(client, job_id)
+        self.assertEqual(client.output(job_id)["data"], b"real\n")
+        self.assertEqual(len(client.jobs()), 2)
+
+    def test_jobs_dir_escapes_are_refused(self):
+        root = self.tempdir()
+        jobs_dir, outside = os.path.join(root, "jobs"), os.path.join(root, "outside")
+        os.makedirs(os.path.join(jobs_dir, "sub"))
+        os.mkdir(outside)
+        for directory, name, word in ((jobs_dir, "ok.sh", "inside"), (jobs_dir, "sub/deep.sh", "deep"),
+                                      (outside, "evil.sh", "escaped")):
+            with open(os.path.join(directory, name), "w") as f:
+                f.write("echo %s\n" % word)
+        os.symlink(os.path.join(outside, "evil.sh"), os.path.join(jobs_dir, "link.sh"))
+        os.symlink(outside, os.path.join(jobs_dir, "outdir"))
+        scheduler, _, client = self.cluster(1, jobs_dir=jobs_dir)
+        for path, output in (("ok.sh", b"inside\n"), ("sub/deep.sh", b"deep\n"),
+                             ("./sub/deep.sh", b"deep\n")):
+            job_id = client.start("", "sh", path)
+            self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded", path)
+            self.assertEqual(client.output(job_id)["data"], output)
+        for path in ("../outside/evil.sh", "sub/../../outside/evil.sh",
+                     os.path.join(outside, "evil.sh"), os.path.join(jobs_dir, "ok.sh"),
+                     "link.sh", "outdir/evil.sh", ".."):
+            with self.assertRaises(jobsched.BadRequest, msg=path) as caught:
+                client.start("", "sh", path)
+            self.assertEqual(caught.exception.code, 2)
+            self.assertTrue("jobs dir" in str(caught.exception), str(caught.exception))
+        self.assertEqual(len(client.jobs()), 3)
+
+    def test_only_registered_methods_are_callable(self):
+        scheduler, (worker,), _ = self.cluster(1)
+        for role in (scheduler, worker):
+            proxy = xmlrpc.client.ServerProxy("http://" + role.address)
+            self.addCleanup(proxy("close"))
+            for name in ("system.listMethods", "system.methodHelp", "system.multicall", "_dispatch",
+                         "__init__", "__class__", "start.__globals__", "server.methods",
+                         "close", "start_serving", "_get", "_Role__x", "info.__call__", ""):
+                fault = xml_call(role.address, rpc_body(name))
+                self.assertIsInstance(fault, xmlrpc.client.Fault, name)
+                self.assertEqual(fault.faultCode, 2, name)
+            self.assertEqual(proxy.info()["version"], jobsched.__version__)
+        self.assertEqual(self.client(worker).info()["worker_id"], worker.worker_id)
+
+    @unittest.skipUnless(hasattr(os, "geteuid"), "POSIX only")
+    def test_worker_as_root_warns(self):
+        proc, _ = self.spawn("worker", "--listen", "127.0.0.1:0", "--scheduler", "",
+                             "--state-dir", self.tempdir())
+        with open(proc.log_path) as f:
+            log_text = f.read()
+        self.assertEqual("running as root" in log_text, os.geteuid() == 0, log_text)
+
+
+class HostileInputTest(ClusterTestCase):
+    """Body limits, read timeout, XML and JSON attacks, a fuzz pass: faults or 4xx, never harm."""
+
+    def test_body_limits_and_encodings(self):
+        scheduler = self.scheduler(max_request=1000)
+        worker = self.worker(None, max_request=1000)
+        for role in (scheduler, worker):
+            address = role.address
+            for length in (1001, 10 ** 12, 10 ** 40):
+                # only the headers are sent: a 413 must come without the body having been read
+                status, headers, body = raw_http(address, http_request(
+                    address, "POST", "/RPC2", content_length=False,
+                    headers=(("Content-Length", str(length)),)))
+                self.assertEqual(status, 413)
+                self.assertEqual(headers["Connection"], "close")
+            status, _, body = raw_http(address, http_request(address, "POST", "/RPC2",
+                                                             content_length=False))
+            self.assertEqual(status, 411)
+            status, _, _ = raw_http(address, http_request(
+                address, "POST", "/RPC2", headers=(("Transfer-Encoding", "chunked"),),
+                content_length=False))
+            self.assertEqual(status, 411)
+            status, _, _ = raw_http(address, http_request(
+                address, "POST", "/RPC2", rpc_body("info"), headers=(("Content-Encoding", "gzip"),)))
+            self.assertEqual(status, 415)
+            for bad in ("abc", "-5", "1e3", "\u00b2"):
+                status, _, _ = raw_http(address, http_request(
+                    address, "POST", "/RPC2", content_length=False, headers=(("Content-Length", bad),)))
+                self.assertEqual(status, 400, bad)
+            result = xml_call(address, rpc_body("info"))
+            self.assertEqual(result["version"], jobsched.__version__)
+
+    def test_client_stalling_mid_body_is_cut_off(self):
+        scheduler = self.scheduler(read_timeout=0.5)
+        host, port = scheduler.address.rsplit(":", 1)
+        stalled = socket.create_connection((host, int(port)), timeout=10)
+        self.addCleanup(stalled.close)
+        body = rpc_body("info")
+        stalled.sendall(http_request(scheduler.address, "POST", "/RPC2", content_length=False,
+                                     headers=(("Content-Length", str(len(body))),)) + body[:10])
+        client = self.client(scheduler)
+        self.assertEqual(client.info()["role"], "scheduler")  # not blocked by the stalled one
+        self.assertEqual(stalled.recv(1024), b"")  # cut off, with no answer
+        self.assertEqual(client.info()["role"], "scheduler")
+
+    def test_xml_attacks_get_faults(self):
+        scheduler, (worker,), client = self.cluster(1)
+        laughs = ('<!DOCTYPE m [<!ENTITY a "aaaaaaaaaa">' + "".join(
+            '<!ENTITY %s "%s">' % (chr(ord("b") + i), ("&%s;" % chr(ord("a") + i)) * 10)
+            for i in range(8)) + ']><methodCall><methodName>&i;</methodName><params/></methodCall>')
+        blowup = ('<!DOCTYPE m [<!ENTITY x "%s">]><methodCall><methodName>info</methodName><params>'
+                  '<param><value><string>%s</string></value></param></params></methodCall>'
+                  % ("x" * 20000, "&x;" * 20000))
+        xxe = ('<?xml version="1.0"?><!DOCTYPE m [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+               '<methodCall><methodName>info</methodName><params><param><value>&x;</value>'
+               '</param></params></methodCall>')
+        dtd_bodies = [laughs.encode(), ('<?xml version="1.0" encoding="UTF-16"?>' + laughs).encode("utf-16"),
+                      blowup.encode(), xxe.encode(),
+                      ('<?xml version="1.0" encoding="UTF-16"?>' + xxe[21:]).encode("utf-16-le")]
+        for role, prefix in ((scheduler, ("",)), (worker, ())):
+            for body in dtd_bodies:
+                fault = xml_call(role.address, body)
+                self.assertIsInstance(fault, xmlrpc.client.Fault)
+                self.assertEqual((fault.faultCode, fault.faultString),
+                                 (2, "DTDs and entity declarations are not allowed"))
+            for body in self.hostile_xml_bodies(prefix):
+                fault = xml_call(role.address, body)
+                self.assertIsInstance(fault, xmlrpc.client.Fault, body[:100])
+                self.assertIn(fault.faultCode, (1, 2), (body[:100], fault.faultString))
+                self.assertLess(len(fault.faultString), 400)
+        self.assertEqual(client.jobs(), [])
+        self.check_still_serving(client)
+
+    @staticmethod
+    def hostile_xml_bodies(prefix):
+        """Requests that must each get a fault; prefix is ("",) for the scheduler's worker_id."""
+        depth = 10000
+        deep_array = "<value><array><data>" * depth + "</data></array></value>" * depth
+        deep_struct = ("<value><struct><member><name>args</name>" * depth + "<value>x</value>"
+                       + "</member></struct></value>" * depth)
+        start = "".join("<param><value>%s</value></param>" % p for p in prefix + ("sh", ""))
+        start = "<methodCall><methodName>start</methodName><params>%s%%s</params></methodCall>" % start
+        bodies = [
+            start % ("<param>%s</param>" % deep_array), start % ("<param>%s</param>" % deep_struct),
+            "<methodCall><methodName>info</methodName><params><param>%s</param></params>"
+            "</methodCall>" % deep_array,
+            b"<methodCall><methodName>in\xff\xfefo</methodName><params/></methodCall>",
+            b"\xff\xfe\x00\x01garbage", b"", b"<methodCall><methodName>info</methodName>",
+            b"<methodResponse><params><param><value>1</value></param></params></methodResponse>",
+            rpc_body("start", *(prefix + ("x" * 900000, ""))),
+            rpc_body("start", *(prefix + ("sh", "", {"args": ["y" * 70000]}))),
+            rpc_body("start", *(prefix + ("sh", "", {"env": {"K": "v" * 70000}}))),
+            rpc_body("start", *(prefix + ("sh", "", {"nonsense": 1}))),
+            rpc_body("start", *(prefix + (5, ""))),
+            rpc_body("start", *(prefix + ("sh", "", {"args": [1, 2]}))),
+            rpc_body("start", *(prefix + ("sh", "", {"timeout": -1.0}))),
+            rpc_body("start"), rpc_body("query", "j" * 100000), rpc_body("query", 7),
+            rpc_body("output", "job", [[["x"]]], 10), rpc_body("no_such_method"),
+            "<methodCall><methodName>output</methodName><params><param><value><int>%s</int>"
+            "</value></param></params></methodCall>" % ("9" * 200000),
+            "<methodCall><methodName>info</methodName><params><param><value><dateTime.iso8601>"
+            "nonsense</dateTime.iso8601></value></param></params></methodCall>",
+            "<methodCall><methodName>info</methodName><params><param><value><base64>!!"
+            "</base64></value></param></params></methodCall>",
+        ]
+        return [body.encode() if isinstance(body, str) else body for body in bodies]
+
+    def test_json_attacks_get_4xx(self):
+        scheduler, _, client = self.cluster(1)
+        base = "http://%s" % scheduler.address
+        for body in (b"{", b"\xff\xfe{}", b"[1, 2]", b'"text"', b"{" * 100000 + b"}" * 100000,
+                     b'{"command": "sh", "args": ' + b"[" * 50000 + b"]" * 50000 + b"}",
+                     b'{"command": "' + b"x" * 900000 + b'"}', b'{"command": "\\ud800"}',
+                     b'{"command": "sh", "args": ["\\u0001"]}', b'{"command": 1}',
+                     b'{"command": "sh", "timeout": ' + b"9" * 100000 + b"}",
+                     b'{"command": "sh", "timeout": 1e999}', b'{"command": "sh", "bogus": 1}',
+                     b'{"job_id": {"a": [1]}}'):
+            status, reply = url_open(base + "/start", body)
+            self.assertEqual(status, 400, (body[:60], reply))
+            self.assertIn("error", json.loads(reply.decode()))
+        status, reply = url_open(base + "/query", b'{"job_id": "x"}')
+        self.assertEqual(status, 404)
+        self.assertEqual(url_open(base + "/nowhere", b"{}")[0], 404)
+        self.assertEqual(client.jobs(), [])
+        self.check_still_serving(client)
+
+    def test_job_output_with_control_bytes_and_invalid_utf8(self):
+        _, _, client = self.cluster(1)
+        job_id = client.start("", "sh", "", {"args": ["-c", r"printf '\000\001\033[31m\377\376\r\n'"]})
+        self.wait_done(client, job_id)
+        self.assertEqual(client.output(job_id)["data"], b"\x00\x01\x1b[31m\xff\xfe\r\n")
+        self.assertEqual(client.query(job_id)["output_bytes"], 11)
+
+    def check_still_serving(self, client, word="still-serving"):
+        job_id = client.start("", "sh", "", {"args": ["-c", "echo " + word]})
+        job = self.wait_done(client, job_id)
+        self.assertEqual((job["state"], job["exit_code"]), ("succeeded", 0))
+        self.assertEqual(client.output(job_id)["data"], (word + "\n").encode())
+
+    def test_fuzz_pass_leaves_servers_working(self):
+        records = capture_jobsched_log(self, logging.ERROR)
+        scheduler = self.scheduler(max_request=64 * 1024, read_timeout=2.0)
+        worker = self.worker(scheduler, max_request=64 * 1024, read_timeout=2.0,
+                             allow=["echo"])  # whatever a mutation makes of a start, only echo runs
+        client = self.client(scheduler)
+        wait_until(lambda: any(w["online"] for w in client.workers()), message="worker to register")
+        rng = random.Random(20240611)
+        valid_xml = [rpc_body("start", "", "echo", "", {"args": ["fuzz"]}),
+                     rpc_body("query", "00000000-0000-0000-0000-000000000000"),
+                     rpc_body("output", "job", 0, 100, 0), rpc_body("info"), rpc_body("workers"),
+                     rpc_body("jobs")]
+        valid_json = [b'{"command": "echo", "args": ["fuzz"]}', b'{"job_id": "abc"}', b"{}"]
+        junk = [b"<", b">", b"&", b"\x00", b"\xff", b"<!DOCTYPE x>", b"<value>", b"</param>",
+                b"&#0;", b"&#xD800;", b"]]>", b"<![CDATA[", b"9" * 50, b'"', b"{", b"[", b"\\u"]
+
+        def mutate(data):
+            data = bytearray(data)
+            for _ in range(rng.randint(1, 6)):
+                position = rng.randint(0, len(data))
+                choice = rng.random()
+                if choice < 0.3:
+                    del data[position:position + rng.randint(1, 20)]
+                elif choice < 0.6:
+                    data[position:position] = rng.choice(junk)
+                elif choice < 0.8 and data:
+                    data[min(position, len(data) - 1)] = rng.randint(0, 255)
+                else:
+                    data[position:position] = bytes(rng.randint(0, 255) for _ in range(rng.randint(1, 30)))
+            return bytes(data)
+
+        roles = [scheduler, worker]
+        outcomes = {}
+        for i in range(360):
+            role = roles[i % 2]
+            address = role.address
+            kind = rng.choice(["xml", "xml", "xml", "json", "oversized", "headers", "garbage"])
+            headers = (("Content-Type", "text/xml"),)
+            if kind == "xml":
+                request = http_request(address, "POST", rng.choice(["/RPC2", "/"]),
+                                       mutate(rng.choice(valid_xml)), headers)
+            elif kind == "json":
+                request = http_request(address, rng.choice(["POST", "GET"]),
+                                       rng.choice(["/start", "/query", "/stop", "/workers", "/jobs"]),
+                                       mutate(rng.choice(valid_json)))
+            elif kind == "oversized":
+                request = http_request(address, "POST", "/RPC2", content_length=False, headers=(
+                    ("Content-Length", str(rng.randint(64 * 1024 + 1, 10 ** 15))),))
+            elif kind == "headers":
+                request = mutate(http_request(address, "POST", "/RPC2", rpc_body("info"), headers))
+            else:
+                request = bytes(rng.randint(0, 255) for _ in range(rng.randint(1, 300))) + b"\r\n\r\n"
+            status, _, body = raw_http(address, request, shut_write=True)
+            outcomes[status] = outcomes.get(status, 0) + 1
+            self.assertNotEqual(status, 500, (kind, request[:300], body[:300]))
+            if status == 200 and kind == "xml":
+                try:
+                    xmlrpc.client.loads(body)
+                except xmlrpc.client.Fault as fault:
+                    self.assertIn(fault.faultCode, (1, 2, 3), (request[:300], fault.faultString))
+        self.assertGreater(outcomes.get(200, 0), 50, outcomes)
+        self.assertGreater(outcomes.get(400, 0) + outcomes.get(413, 0), 50, outcomes)
+        self.assertEqual([r.getMessage() for r in records], [])
+        self.assertTrue(all(thread.is_alive() for thread in scheduler._threads + worker._threads))
+        # a normal job still starts, runs and reports correctly through the scheduler
+        online = wait_until(lambda: [w for w in client.workers()
+                                     if w["online"] and w["worker_id"] == worker.worker_id],
+                            message="the worker to stay online")
+        self.assertEqual(len(online), 1)
+        job_id = client.start("", "echo", "", {"args": ["after", "fuzz"]})
+        job = self.wait_done(client, job_id)
+        self.assertEqual((job["state"], job["exit_code"]), ("succeeded", 0))
+        self.assertEqual(client.output(job_id)["data"], b"after fuzz\n")
+        self.assertEqual(self.client(worker).info()["worker_id"], worker.worker_id)
 
 
 if __name__ == "__main__":
