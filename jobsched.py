@@ -18,6 +18,7 @@ import argparse
 import base64
 import concurrent.futures
 import fcntl
+import functools
 import hmac
 import http.client
 import inspect
@@ -122,6 +123,28 @@ def wire_int(n):
 def without_none(struct):
     """XML-RPC has no null: an absent value is an absent key."""
     return {k: v for k, v in struct.items() if v is not None}
+
+
+class _WireMarshaller(xmlrpc.client.Marshaller):
+    """The stdlib's marshaller, but Binary goes as one base64 line: the stdlib's 76-column lines
+    cost one b2a_base64 call per 57 bytes here and two parser callbacks per line at the peer."""
+    dispatch = dict(xmlrpc.client.Marshaller.dispatch)
+
+    def dump_binary(self, value, write):
+        write("<value><base64>")
+        write(base64.b64encode(value.data).decode("ascii"))
+        write("</base64></value>\n")
+    dispatch[xmlrpc.client.Binary] = dump_binary
+
+
+def dumps_response(result):
+    """xmlrpc.client.dumps((result,), methodresponse=True), UTF-8 encoded, Binary on one line."""
+    body = _WireMarshaller("utf-8", False).dumps((result,))
+    return ("<?xml version='1.0'?>\n<methodResponse>\n%s</methodResponse>\n" % body).encode("utf-8")
+
+
+class _RelayedReply(bytes):
+    """A peer's whole XML-RPC reply, passed on unparsed (the scheduler relaying output)."""
 
 
 def _short(value, limit=80):
@@ -557,8 +580,10 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
             if not isinstance(name, str):
                 raise BadRequest("not an XML-RPC method call")
             result = self.call(name, params)
+            if isinstance(result, _RelayedReply):
+                return result
             try:
-                return xmlrpc.client.dumps((result,), methodresponse=True).encode("utf-8")
+                return dumps_response(result)
             except (TypeError, OverflowError):
                 log.exception("cannot marshal the result of %s", name)
                 raise InternalError("internal error in %s (see the server's log)" % name)
@@ -591,6 +616,7 @@ class _Transport(xmlrpc.client.Transport):
         self.tls_context = tls_context
         self.authorization = authorization
         self.timeout = timeout
+        self.relay = False  # return the reply as a _RelayedReply instead of parsing it
 
     def make_connection(self, host):
         if self._connection and host == self._connection[0]:
@@ -607,6 +633,16 @@ class _Transport(xmlrpc.client.Transport):
         super().send_headers(connection, headers)
         if self.authorization:
             connection.putheader("Authorization", self.authorization)
+
+    def parse_response(self, response):
+        # The stdlib reads and feeds the reply 1 KiB at a time: 1400 rounds per MiB of output.
+        body = response.read()
+        if self.relay:
+            return (_RelayedReply(body),)
+        parser, unmarshaller = self.getparser()
+        parser.feed(body)
+        parser.close()
+        return unmarshaller.close()
 
     def set_timeout(self, seconds):
         self.timeout = seconds
@@ -644,12 +680,13 @@ class Client:
         self._idle = []  #: kept-alive transports not in use; guarded by self._idle_lock
         self._idle_lock = threading.Lock()
 
-    def call(self, method, *params, timeout=None):
+    def call(self, method, *params, timeout=None, relay=False):
         request = xmlrpc.client.dumps(params, method, allow_none=False).encode("utf-8")
         with self._idle_lock:
             transport = self._idle.pop() if self._idle else None
         if transport is None:
             transport = _Transport(self._tls_context, self._authorization, self.timeout)
+        transport.relay = relay
         if timeout is not None:
             transport.set_timeout(timeout)
         try:
@@ -812,6 +849,11 @@ def write_atomically(path, data):
         raise
 
 
+#: the ``finished`` Event of every ended job: one shared set Event instead of 1.5 KB per kept job
+_ENDED = threading.Event()
+_ENDED.set()
+
+
 class Job:
     """One child process and what became of it.
 
@@ -858,7 +900,7 @@ class Job:
             if name in record:
                 setattr(job, name, record[name])
         if job.done:
-            job.finished.set()
+            job.finished = _ENDED
         return job
 
 
@@ -971,7 +1013,7 @@ class Worker(_Role):
                 job.state, job.finished_at = "lost", time.time()
                 job.error_text = "lost: the worker restarted while the job was running"
                 job.output_bytes = self._output_size(job.job_id)
-                job.finished.set()
+                job.finished = _ENDED
                 self._write_record(job)
                 log.info("job %s lost: the worker restarted while it was running", job.job_id)
         for job in sorted(jobs, key=lambda j: j.finished_at or 0):
@@ -1209,6 +1251,7 @@ class Worker(_Role):
         except OSError as e:
             log.error("cannot write the record of job %s: %s", job.job_id, e)
         job.finished.set()
+        job.finished = _ENDED  # waiters hold the set Event; later ones get the shared one
         log.info("job %s %s%s", job.job_id, job.state, ": " + job.error_text if job.error_text else "")
         self._expire_jobs()
 
@@ -1345,7 +1388,9 @@ class Scheduler(_Role):
         self.server = RPCServer(listen, self.security, {
             "register": self.register, "deregister": self.deregister,
             "heartbeat": self.heartbeat, "start": self.start, "stop": self.stop,
-            "query": self.query, "output": self.output, "jobs": self.jobs,
+            "query": functools.partial(self.query, relay=True),
+            "output": functools.partial(self.output, relay=True),
+            "jobs": self.jobs,
             "workers": self.workers, "info": self.info,
         }, json_routes={
             ("POST", "/start"): self._json_start, ("POST", "/stop"): self._json_stop,
@@ -1587,19 +1632,21 @@ class Scheduler(_Role):
         rec, job_id = self._route(ids)
         return rec.client.call("stop", job_id, timeout=self.rpc_timeout + rec.stop_grace + 1)
 
-    def query(self, *ids):
-        """query(job_id) or query(worker_id, job_id): the job's struct."""
+    def query(self, *ids, relay=False):
+        """query(job_id) or query(worker_id, job_id): the job's struct (the RPC relays it)."""
         rec, job_id = self._route(ids)
-        return rec.client.call("query", job_id)
+        return rec.client.call("query", job_id, relay=relay)
 
-    def output(self, job_id, offset, max_bytes, wait_seconds=0):
-        """The job's output from offset, as the worker's output() answers it."""
+    def output(self, job_id, offset, max_bytes, wait_seconds=0, *, relay=False):
+        """The job's output from offset, as the worker's output() answers it.
+
+        The RPC passes relay=True: the worker's reply (up to a MiB of base64) goes on unparsed."""
         wait = min(want_number(wait_seconds, "wait_seconds"), MAX_WAIT_SECONDS)
         want_number(offset, "offset", integer=True)
         want_number(max_bytes, "max_bytes", integer=True)
         rec, job_id = self._route((job_id,))
         return rec.client.call("output", job_id, offset, max_bytes, wait,
-                               timeout=self.rpc_timeout + wait)
+                               timeout=self.rpc_timeout + wait, relay=relay)
 
     def jobs(self):
         """Every job of every online worker, asked in parallel."""
@@ -1609,9 +1656,12 @@ class Scheduler(_Role):
                 jobs.extend(result)
             else:
                 log.warning("worker %s did not list its jobs: %s", rec.worker_id, result)
+        # Index fresh copies: the listing's own strings would keep the memory of the whole
+        # parsed listing allocated (100000 jobs: 150 MB of RSS instead of 15 MB).
+        learned = [(job["job_id"].encode().decode(), sys.intern(job["worker_id"])) for job in jobs]
         with self.workers_lock:
-            for job in jobs:
-                self._job_index.setdefault(job["job_id"], job["worker_id"])
+            for job_id, worker_id in learned:
+                self._job_index.setdefault(job_id, worker_id)
         return jobs
 
     # -- JSON routes (the seed's HTTP API) -----------------------------------------------------
