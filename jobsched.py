@@ -17,6 +17,7 @@ License: MIT (see LICENSE).
 import argparse
 import base64
 import concurrent.futures
+import errno
 import fcntl
 import functools
 import hmac
@@ -63,6 +64,7 @@ MAX_WAIT_SECONDS = 60.0       # the longest an output() long-poll may wait
 FOLLOW_POLL_SECONDS = 0.02    # how often a waiting output() looks at the file again
 MISSED_HEARTBEATS = 3         # a worker silent this many intervals is offline
 JOB_INDEX_LIMIT = 1000000     # job ids the scheduler remembers; older ones are asked for
+JOURNAL_LIMIT = 4 * MiB       # a worker's journal of started jobs is rewritten past this size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,10 +525,12 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="jobsched-accept", daemon=True)
         thread.start()
+        self._serving = True
         return thread
 
     def close(self):
-        self.shutdown()
+        if getattr(self, "_serving", False):  # shutdown() waits for a serve_forever() to end
+            self.shutdown()
         self.server_close()
 
     def finish_request(self, request, client_address):
@@ -835,8 +839,12 @@ def signal_group(pgid, signum):
 
 
 def write_atomically(path, data):
-    """Temp file + rename: a crash at any moment leaves the old file or the new one, whole."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    """Temp file + rename: a crash at any moment leaves the old file or the new one, whole.
+
+    Each path has one writer at a time (a job's waiter, or the worker at start), so the temp
+    file's name needs no randomness."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -930,16 +938,24 @@ class Worker(_Role):
         self.jobs_dir = os.path.realpath(jobs_dir) if jobs_dir else None
         self.allowed = {self._resolve_executable(c, os.environ.get("PATH")) or c for c in allow}
         self.state_dir = os.path.abspath(state_dir or default_state_dir())
-        # A job's environment is the worker's without the cluster token.
-        self._base_env = {k: v for k, v in os.environ.items() if k != "JOBSCHED_TOKEN"}
+        # A job's environment is the worker's without the cluster token (None: inherit it
+        # as it is, which spares Popen a copy of the environment per job).
+        self._base_env = ({k: v for k, v in os.environ.items() if k != "JOBSCHED_TOKEN"}
+                          if "JOBSCHED_TOKEN" in os.environ else None)
         self.jobs_lock = threading.Lock()
         #: guards self._jobs, self._finished, self._running, self._closing and every Job's state
         self._job_changed = threading.Condition(self.jobs_lock)  # notified when a job ends
+        self.journal_lock = threading.Lock()
+        #: guards self._journal (fd of <state-dir>/journal) and self._journal_bytes; taken
+        #: before jobs_lock, never while holding it
+        self._journal, self._journal_bytes = None, 0
         self._jobs = {}
         self._finished = deque()  # finished job ids, oldest first, for --keep-jobs
         self._running = 0
         self._closing = False
         self._closed = threading.Event()
+        if advertise:
+            parse_address(advertise)
         self._lock_file = self._lock_state_dir()
         try:
             try:
@@ -952,10 +968,11 @@ class Worker(_Role):
                 "output": self.output, "jobs": self.jobs, "info": self.info,
             }, max_request=max_request, read_timeout=read_timeout)
         except BaseException:
+            if self._journal is not None:
+                os.close(self._journal)
             self._lock_file.close()
             raise
         if advertise:
-            parse_address(advertise)
             self.advertise = advertise
         else:
             host, port = self.server.address.rsplit(":", 1)
@@ -993,18 +1010,42 @@ class Worker(_Role):
         return worker_id
 
     def _load_records(self):
-        """Bring back finished jobs; jobs that were running when the worker died become lost."""
-        jobs = []
+        """Bring back finished jobs; jobs that were running when the worker died become lost.
+
+        A started job is one line appended to ``journal`` (no file to create on the hot path);
+        an ended one has its ``<job_id>.json``, which wins over its journal line."""
+        journal = os.path.join(self.state_dir, "journal")
+        records, outputs = {}, set()
+        try:
+            with open(journal, "rb") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line.decode("utf-8"))
+                        records[record["job_id"]] = record
+                    except (ValueError, KeyError, TypeError):
+                        pass  # the last line, cut short by a crash
+        except FileNotFoundError:
+            pass
         for name in os.listdir(self.state_dir):
             path = os.path.join(self.state_dir, name)
-            if name.startswith(".tmp-"):
+            if name.endswith(".tmp"):
                 os.unlink(path)  # a write the last run did not finish
+            elif name.endswith(".out"):
+                outputs.add(name[:-4])
             elif name.endswith(".json"):
                 try:
                     with open(path, "rb") as f:
-                        jobs.append(Job.from_record(json.loads(f.read().decode("utf-8"))))
-                except (OSError, ValueError, KeyError, TypeError) as e:
+                        records[name[:-5]] = json.loads(f.read().decode("utf-8"))
+                except (OSError, ValueError) as e:
                     log.warning("ignoring unreadable job record %s: %s", path, e)
+        jobs = []
+        for job_id, record in records.items():
+            try:
+                jobs.append(Job.from_record(record))
+            except (KeyError, TypeError, AttributeError) as e:
+                log.warning("ignoring unreadable record of job %s: %s", job_id, e)
+        for job_id in outputs - set(records):  # created, then the worker died before the journal
+            os.unlink(self._out_path(job_id))
         for job in jobs:
             if job.state == "running":
                 current = process_start_time(job.pid) if job.pid else None
@@ -1020,6 +1061,36 @@ class Worker(_Role):
             self._jobs[job.job_id] = job
             self._finished.append(job.job_id)
         self._expire_jobs()
+        self._journal = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        self._journal_bytes = 0
+
+    def _journal_started(self, job):
+        """Append the job's line to the journal and make it visible, both under journal_lock, so
+        a rewrite of the journal finds every job in the old file or in self._jobs."""
+        line = job.to_record() + b"\n"
+        with self.journal_lock:
+            if self._journal_bytes > JOURNAL_LIMIT:
+                self._rewrite_journal()
+            try:
+                if os.write(self._journal, line) != len(line):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                os.ftruncate(self._journal, self._journal_bytes)  # no half line before the next
+                raise
+            self._journal_bytes += len(line)
+            with self.jobs_lock:
+                self._jobs[job.job_id] = job
+
+    def _rewrite_journal(self):
+        """Keep only the lines of jobs whose final record is not written yet (under journal_lock)."""
+        with self.jobs_lock:
+            lines = [job.to_record() + b"\n" for job in self._jobs.values()
+                     if not job.finished.is_set()]
+        path = os.path.join(self.state_dir, "journal")
+        write_atomically(path, b"".join(lines))
+        os.close(self._journal)
+        self._journal = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._journal_bytes = sum(map(len, lines))
 
     def _out_path(self, job_id):
         return os.path.join(self.state_dir, job_id + ".out")
@@ -1120,6 +1191,9 @@ class Worker(_Role):
         self._closed.set()
         for thread in self._threads:
             thread.join(timeout=3.0)
+        with self.journal_lock:
+            os.close(self._journal)
+            self._journal = None
         self._lock_file.close()
         log.info("worker %s stopped", self.worker_id)
 
@@ -1149,9 +1223,10 @@ class Worker(_Role):
         want_str(command, "command", empty=False)
         want_str(path, "path")
         opts = parse_job_options(options if options is not None else {})
-        env = dict(self._base_env, **opts["env"]) if opts["env"] else self._base_env
+        env = (dict(self._base_env or os.environ, **opts["env"]) if opts["env"]
+               else self._base_env)
         if self.allowed:
-            executable = self._resolve_executable(command, env.get("PATH"))
+            executable = self._resolve_executable(command, (env or os.environ).get("PATH"))
             if executable not in self.allowed:
                 raise BadRequest("command %s is not allowed on this worker" % _short(command))
             # Run the file that was checked: Popen would search PATH again, from the job's cwd.
@@ -1195,18 +1270,12 @@ class Worker(_Role):
         job.pid = job.process.pid
         job.proc_start = process_start_time(job.pid)
         try:
-            self._write_record(job)
+            self._journal_started(job)
         except OSError as e:
             signal_group(job.pid, signal.SIGKILL)
             job.process.wait()
-            for leftover in (out_path, out_path[:-4] + ".json"):
-                try:
-                    os.unlink(leftover)
-                except OSError:
-                    pass
+            os.unlink(out_path)
             raise Unavailable("cannot write job record in %s: %s" % (self.state_dir, e.strerror))
-        with self.jobs_lock:
-            self._jobs[job.job_id] = job
         if opts["timeout"] is not None:
             job.timer = threading.Timer(opts["timeout"], self._stop_job, (job, "timeout"))
             job.timer.daemon = True

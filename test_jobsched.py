@@ -502,7 +502,8 @@ class ResilienceTest(ClusterTestCase):
         self.assertIs(type(error), jobsched.Unavailable)
         self.assertIn("cannot write job", str(error))
         self.assertIn(state_dir, str(error))
-        self.assertEqual(sorted(os.listdir(state_dir)), ["lock", "worker_id"])  # nothing left
+        self.assertEqual(sorted(os.listdir(state_dir)), ["journal", "lock", "worker_id"])
+        self.assertEqual(os.path.getsize(os.path.join(state_dir, "journal")), 0)  # no half line
         self.assertEqual(self.client(address).jobs(), [])
         since = time.time()
         wait_until(lambda: [w["last_seen"] for w in client.workers()
@@ -627,7 +628,7 @@ def read_until(proc, marker, timeout=20.0):
 
 
 def job_files(state_dir):
-    return sorted(n for n in os.listdir(state_dir) if n not in ("lock", "worker_id"))
+    return sorted(n for n in os.listdir(state_dir) if n not in ("journal", "lock", "worker_id"))
 
 
 class WorkerRPCTest(ClusterTestCase):
@@ -892,6 +893,30 @@ class WorkerStateDirTest(ClusterTestCase):
         self.assertEqual(c.output(job_id, 4, 100), {"data": b"err\n", "offset": 8, "eof": True})
         self.assertEqual(c.jobs(), [job])
         self.assertEqual(c.stop(job_id), True)
+
+    def test_journal_is_rewritten_with_the_running_jobs_only(self):
+        self.addCleanup(setattr, jobsched, "JOURNAL_LIMIT", jobsched.JOURNAL_LIMIT)
+        jobsched.JOURNAL_LIMIT = 1  # rewrite before every start
+        state_dir = self.tempdir()
+        c = self.client(self.worker(None, state_dir=state_dir))
+        running = c.start("sleep", "", {"args": ["300"]})
+        self.addCleanup(c.stop, running)
+        finished = [c.start("sh", "", sh_args("exit %d" % n)) for n in (0, 3)]
+        for job_id in finished:
+            self.wait_done(c, job_id)
+        c.start("true", "")  # its rewrite drops the lines of the jobs that have ended
+        with open(os.path.join(state_dir, "journal"), "rb") as f:
+            ids = [json.loads(line.decode())["job_id"] for line in f]
+        self.assertIn(running, ids)
+        self.assertFalse(set(finished) & set(ids))
+        # A copy of the state dir is what a crash would leave: the ended jobs are intact and the
+        # running one is lost (and its process killed, being the same process).
+        crashed = os.path.join(self.tempdir(), "copy")
+        shutil.copytree(state_dir, crashed)
+        c2 = self.client(self.worker(None, state_dir=crashed))
+        self.assertEqual([c2.query(j)["exit_code"] for j in finished], [0, 3])
+        self.assertEqual(c2.query(running)["state"], "lost")
+        self.assertEqual(self.wait_done(c, running)["signal"], signal.SIGKILL)
 
     def test_jobs_running_when_the_worker_died_come_back_lost_and_killed(self):
         state_dir, pidfile = self.tempdir(), os.path.join(self.tempdir(), "pid")
