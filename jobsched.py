@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import _thread
 import time
 import uuid
 import xmlrpc.client
@@ -1280,7 +1281,8 @@ class Worker(_Role):
             job.timer = threading.Timer(opts["timeout"], self._stop_job, (job, "timeout"))
             job.timer.daemon = True
             job.timer.start()
-        threading.Thread(target=self._wait_for, args=(job,), name="jobsched-wait", daemon=True).start()
+        # threading.Thread.start() would wait for the new thread to run: a quarter of a start.
+        _thread.start_new_thread(self._wait_for, (job,))
         return job
 
     def _wait_for(self, job):
