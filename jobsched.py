@@ -51,7 +51,7 @@ except ImportError:  # a Python built without OpenSSL still runs plain HTTP
 __version__ = "1.0.0"
 __all__ = [
     "JobschedError", "NotFound", "BadRequest", "Unavailable", "Unreachable", "InternalError",
-    "ConfigError", "Security", "RPCServer", "Client", "Job", "Worker", "WorkerRecord",
+    "ConfigError", "Security", "RPCServer", "RPCClient", "Client", "Job", "Worker", "WorkerRecord",
     "Scheduler", "main",
 ]
 
@@ -662,12 +662,12 @@ _CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.Response
     (ssl.CertificateError,) if ssl is not None else ())
 
 
-class Client:
-    """Calls a jobsched scheduler or worker; the methods mirror the RPCs of both roles.
+class RPCClient:
+    """Calls one jobsched server: ``call(method, *params)``.
 
-    Thread-safe: each call borrows a kept-alive connection from a small pool, so one Client can
-    serve many threads. Faults raise the JobschedError subclass of their code; a peer that cannot
-    be reached raises Unreachable. ``address`` is HOST:PORT, or https://HOST:PORT, or
+    Thread-safe: each call borrows a kept-alive connection from a small pool, so one RPCClient
+    can serve many threads. Faults raise the JobschedError subclass of their code; a peer that
+    cannot be reached raises Unreachable. ``address`` is HOST:PORT, or https://HOST:PORT, or
     http://user:TOKEN@HOST:PORT."""
     max_idle = 16
 
@@ -726,53 +726,6 @@ class Client:
             idle, self._idle = self._idle, []
         for transport in idle:
             transport.close()
-
-    # The RPCs, by name. Scheduler and worker share start/stop/query/output/jobs.
-    def start(self, *args):
-        """Worker: start(command, path[, options]); scheduler: start(worker_id, command, path[, options])."""
-        return self.call("start", *args)
-
-    def stop(self, *ids):
-        return self.call("stop", *ids, timeout=self.timeout + 60)
-
-    def query(self, *ids):
-        return self.call("query", *ids)
-
-    def output(self, job_id, offset=0, max_bytes=MAX_OUTPUT_CHUNK, wait_seconds=0):
-        reply = self.call("output", job_id, wire_int(offset), max_bytes, wait_seconds,
-                          timeout=self.timeout + wait_seconds)
-        reply["data"] = reply["data"].data
-        reply["offset"] = int(reply["offset"])
-        return reply
-
-    def follow(self, job_id, offset=0, wait_seconds=10):
-        """Yield the job's output from ``offset`` in chunks until the job has ended and all is read."""
-        while True:
-            reply = self.output(job_id, offset, MAX_OUTPUT_CHUNK, wait_seconds)
-            if reply["data"]:
-                yield reply["data"]
-            offset = reply["offset"]
-            if reply["eof"]:
-                return
-
-    def jobs(self):
-        return self.call("jobs")
-
-    def workers(self):
-        return self.call("workers")
-
-    def info(self):
-        return self.call("info")
-
-    def register(self, address, info=None):
-        return self.call("register", address, *([info] if info is not None else []))
-
-    def deregister(self, worker_id):
-        return self.call("deregister", worker_id)
-
-    def heartbeat(self, worker_id, info=None):
-        return self.call("heartbeat", worker_id, *([info] if info is not None else []))
-
 
 class _Role:
     """What Scheduler and Worker share: a server, serving in a thread, closing once."""
@@ -1151,14 +1104,14 @@ class Worker(_Role):
 
     def _heartbeat_loop(self):
         """Register, then heartbeat; never give up on an unreachable scheduler."""
-        scheduler = Client(self.scheduler, security=self.security, timeout=self.rpc_timeout)
+        scheduler = RPCClient(self.scheduler, security=self.security, timeout=self.rpc_timeout)
         registered, failures, delay = False, 0, 0.0
         while not self._closed.wait(delay):
             try:
                 if registered:
-                    scheduler.heartbeat(self.worker_id, self.info())
+                    scheduler.call("heartbeat", self.worker_id, self.info())
                 else:
-                    scheduler.register(self.advertise, self.info())
+                    scheduler.call("register", self.advertise, self.info())
                     log.info("registered with scheduler %s as %s", scheduler.address, self.worker_id)
                     registered = True
                 failures, delay = 0, self.heartbeat
@@ -1532,8 +1485,8 @@ class Scheduler(_Role):
             tls = rec.tls or self.security.dials_tls or address.startswith("https://")
             if rec.address != address or rec.client is None or rec.client_tls != tls:
                 rec.address, rec.client_tls = address, tls
-                rec.client = Client(("https://" if tls and "://" not in address else "") + address,
-                                    security=self.security, timeout=self.rpc_timeout)
+                rec.client = RPCClient(("https://" if tls and "://" not in address else "") + address,
+                                       security=self.security, timeout=self.rpc_timeout)
         if old_client is not None and old_client is not rec.client:
             old_client.close()
         log.info("worker %s registered at %s", worker_id, address)
@@ -1761,6 +1714,62 @@ class Scheduler(_Role):
     def _json_query(self, request):
         self._fields(request, ("job_id",), ("worker_id",))
         return 200, self.query(request["job_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------------------------
+
+class Client(RPCClient):
+    """What programs and the command line call: one method per RPC of the scheduler and the
+    worker (start, stop, query, output, jobs, workers, info, register, deregister, heartbeat),
+    plus follow(). Same arguments as the RPCs; see RPCClient for addresses and errors."""
+
+    # Scheduler and worker share start, stop, query, output and jobs.
+    def start(self, *args):
+        """Worker: start(command, path[, options]); scheduler: start(worker_id, command, path[, options])."""
+        return self.call("start", *args)
+
+    def stop(self, *ids):
+        return self.call("stop", *ids, timeout=self.timeout + 60)
+
+    def query(self, *ids):
+        return self.call("query", *ids)
+
+    def output(self, job_id, offset=0, max_bytes=MAX_OUTPUT_CHUNK, wait_seconds=0):
+        reply = self.call("output", job_id, wire_int(offset), max_bytes, wait_seconds,
+                          timeout=self.timeout + wait_seconds)
+        reply["data"] = reply["data"].data
+        reply["offset"] = int(reply["offset"])
+        return reply
+
+    def follow(self, job_id, offset=0, wait_seconds=10):
+        """Yield the job's output from ``offset`` in chunks until the job has ended and all is read."""
+        while True:
+            reply = self.output(job_id, offset, MAX_OUTPUT_CHUNK, wait_seconds)
+            if reply["data"]:
+                yield reply["data"]
+            offset = reply["offset"]
+            if reply["eof"]:
+                return
+
+    def jobs(self):
+        return self.call("jobs")
+
+    def workers(self):
+        return self.call("workers")
+
+    def info(self):
+        return self.call("info")
+
+    def register(self, address, info=None):
+        return self.call("register", address, *([info] if info is not None else []))
+
+    def deregister(self, worker_id):
+        return self.call("deregister", worker_id)
+
+    def heartbeat(self, worker_id, info=None):
+        return self.call("heartbeat", worker_id, *([info] if info is not None else []))
 
 
 # ---------------------------------------------------------------------------------------------
