@@ -1937,6 +1937,47 @@ class SafeDefaultsTest(ClusterTestCase):
         self.assertEqual("running as root" in log_text, os.geteuid() == 0, log_text)
 
 
+class HTTPTest(ClusterTestCase):
+    """The HTTP layer jobsched parses itself: request headers, Expect, keep-alive."""
+
+    def test_expect_100_continue_is_answered_before_the_body(self):
+        scheduler = self.scheduler()
+        host, port = scheduler.address.rsplit(":", 1)
+        body = json.dumps({"command": "true", "args": ["x" * 5000]}).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /start HTTP/1.1\r\nContent-Length: %d\r\n"
+                         b"Expect: 100-continue\r\n\r\n" % len(body))
+            self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            self.assertEqual((response.status, json.loads(response.read().decode())),
+                             (503, {"error": "no worker has a free slot"}))
+
+    def test_bad_header_lines_are_400_and_the_server_goes_on(self):
+        scheduler = self.scheduler()
+        for request in (b"GET /workers HTTP/1.1\r\nno colon here\r\n\r\n",
+                        b"GET /workers HTTP/1.1\r\n: no name\r\n\r\n",
+                        b"GET /workers HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n",
+                        b"GET /workers HTTP/2.0\r\n\r\n", b"GET /workers\r\n\r\n"):
+            status, _, _ = raw_http(scheduler.address, request)
+            self.assertEqual(status, 400, request[:40])
+        status, headers, body = raw_http(scheduler.address, http_request(
+            scheduler.address, "GET", "/workers", content_length=False).replace(
+            b"Host:", b"hOsT :"))
+        self.assertEqual((status, json.loads(body.decode())), (200, {"workers": []}))
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        scheduler = self.scheduler()
+        connection = http.client.HTTPConnection(*scheduler.address.rsplit(":", 1), timeout=10)
+        self.addCleanup(connection.close)
+        for _ in range(3):
+            connection.request("GET", "/workers")
+            response = connection.getresponse()
+            self.assertEqual((response.status, response.read()), (200, b'{"workers": []}'))
+        self.assertIsNotNone(connection.sock)  # never closed in between
+
+
 class HostileInputTest(ClusterTestCase):
     """Body limits, read timeout, XML and JSON attacks, a fuzz pass: faults or 4xx, never harm."""
 
