@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import re
+import selectors
 import signal
 import socket
 import socketserver
@@ -436,9 +437,31 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
     server_version = "jobsched/" + __version__
     encode_threshold = None  # gzip makes Binary output 2-3x slower and buys nothing on a LAN
 
+    quiet = False  # true once the connection fell idle: the server parks it
+
     def setup(self):
         self.timeout = self.server.read_timeout
         super().setup()
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection and self._next_request_within(self.server.park_after):
+            self.handle_one_request()
+
+    def _next_request_within(self, seconds):
+        if getattr(self.connection, "pending", None) and self.connection.pending():
+            return True  # TLS has decrypted bytes buffered: the socket would not show them
+        self.connection.settimeout(seconds)
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True  # the client hung up
+                return False
+        except socket.timeout:
+            self.quiet = True  # this rfile is spent; the next request gets a new handler
+            return False
+        self.connection.settimeout(self.timeout)
+        return True
 
     def parse_request(self):
         """The stdlib's, for HTTP/1.0 and 1.1 only, with headers read by Headers.read()."""
@@ -548,7 +571,11 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
 
 
 class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
-    """Threaded XML-RPC + JSON server, one thread per connection, TLS handshakes in that thread.
+    """Threaded XML-RPC + JSON server: a thread per busy connection, TLS handshakes in it.
+
+    A kept-alive connection quiet for ``park_after`` seconds gives up its thread and waits in
+    one selector thread for its next request (a thousand heartbeating workers would otherwise
+    hold a thousand threads); it is closed after ``read_timeout`` seconds of silence.
 
     Callers use serve_in_thread(), close() and ``address``. The roles fill ``methods``
     (name -> callable; nothing else is callable) and ``json_routes``
@@ -557,6 +584,7 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = 128  # the default 5 drops connections under 16 concurrent clients
+    park_after = 0.25
 
     def __init__(self, listen, security, methods, json_routes=None, max_request=MiB,
                  read_timeout=30.0):
@@ -571,6 +599,10 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         self.max_request = max_request
         self.read_timeout = read_timeout
         self._unauthorized_peers = set()  #: peers already logged as unauthorized; guarded by the GIL (set.add)
+        self._park_lock = threading.Lock()
+        #: guards self._to_park (connections handed to the parking thread) and self._parking
+        self._to_park, self._parking = [], False
+        self._wake_parking, self._parking_wakeup = socket.socketpair()
         try:
             super().__init__((host, port), requestHandler=RequestHandler, logRequests=False,
                              allow_none=False)
@@ -579,6 +611,9 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         self.address = format_address(host, self.server_address[1])
 
     def serve_in_thread(self):
+        with self._park_lock:
+            self._parking = True
+        threading.Thread(target=self._parking_loop, name="jobsched-parking", daemon=True).start()
         thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="jobsched-accept", daemon=True)
         thread.start()
@@ -588,21 +623,68 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
     def close(self):
         if getattr(self, "_serving", False):  # shutdown() waits for a serve_forever() to end
             self.shutdown()
+        with self._park_lock:
+            self._parking = False
+        self._wake_parking.send(b"x")
         self.server_close()
 
-    def finish_request(self, request, client_address):
-        if self.ssl_context is None:
-            return super().finish_request(request, client_address)
-        request.settimeout(self.read_timeout)
+    def process_request_thread(self, request, client_address):
+        self.serve_connection(request, client_address, handshake=True)
+
+    def serve_connection(self, connection, client_address, handshake=False):
+        """Serve requests on a connection until it closes or goes quiet (then park it)."""
         try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
-        except OSError as e:
-            log.info("TLS handshake with %s failed: %s", client_address[0], e)
-            return
-        try:
-            self.RequestHandlerClass(tls, client_address, self)
-        finally:
-            tls.close()
+            if handshake and self.ssl_context is not None:
+                connection.settimeout(self.read_timeout)
+                try:
+                    connection = self.ssl_context.wrap_socket(connection, server_side=True)
+                except OSError as e:
+                    log.info("TLS handshake with %s failed: %s", client_address[0], e)
+                    return
+            if self.RequestHandlerClass(connection, client_address, self).quiet:
+                return self._park(connection, client_address)
+        except Exception:
+            self.handle_error(connection, client_address)
+        self.shutdown_request(connection)
+
+    def _park(self, connection, client_address):
+        with self._park_lock:
+            if self._parking:
+                self._to_park.append((connection, client_address))
+                connection = None
+        if connection is None:
+            self._wake_parking.send(b"x")
+        else:
+            self.shutdown_request(connection)
+
+    def _parking_loop(self):
+        """Hand each parked connection back to a new thread when its next request arrives."""
+        selector = selectors.DefaultSelector()
+        selector.register(self._parking_wakeup, selectors.EVENT_READ)
+        parked = {}  # connection -> (client_address, parked since)
+        while True:
+            for key, _ in selector.select(timeout=1.0):
+                if key.fileobj is self._parking_wakeup:
+                    self._parking_wakeup.recv(4096)
+                    continue
+                selector.unregister(key.fileobj)
+                client_address, _ = parked.pop(key.fileobj)
+                threading.Thread(target=self.serve_connection, args=(key.fileobj, client_address),
+                                 daemon=True).start()
+            with self._park_lock:
+                arrived, self._to_park, running = self._to_park, [], self._parking
+            now = time.monotonic()
+            for connection, client_address in arrived:
+                selector.register(connection, selectors.EVENT_READ)
+                parked[connection] = client_address, now
+            for connection in [c for c, (_, since) in parked.items()
+                               if not running or now - since > self.read_timeout]:
+                selector.unregister(connection)
+                del parked[connection]
+                self.shutdown_request(connection)
+            if not running:
+                selector.close()
+                return
 
     def handle_error(self, request, client_address):
         log.debug("connection from %s ended with an error", client_address[0], exc_info=True)

@@ -1637,6 +1637,17 @@ class TLSTest(ClusterTestCase):
         self.assertEqual(self.client(worker, **self.files("client")).query(job_id)["state"],
                          "succeeded")
 
+    def test_an_idle_tls_connection_is_parked_then_served_again(self):
+        scheduler = self.scheduler(**self.files("scheduler"))
+        scheduler.server.park_after = 0.05
+        files = self.files("client")
+        context = ssl.create_default_context(cafile=files["tls_ca"])
+        context.load_cert_chain(files["tls_cert"], files["tls_key"])
+        connection = http.client.HTTPSConnection(*scheduler.address.rsplit(":", 1), timeout=10,
+                                                 context=context)
+        self.addCleanup(connection.close)
+        HTTPTest.assert_parked_connection_is_served(self, scheduler, connection)
+
     def test_mutual_tls_refuses_no_certificate_and_other_ca(self):
         scheduler = self.scheduler(**self.files("scheduler"))
         self.assertEqual(self.client(scheduler, **self.files("client")).info()["role"], "scheduler")
@@ -1966,6 +1977,35 @@ class HTTPTest(ClusterTestCase):
             scheduler.address, "GET", "/workers", content_length=False).replace(
             b"Host:", b"hOsT :"))
         self.assertEqual((status, json.loads(body.decode())), (200, {"workers": []}))
+
+    def assert_parked_connection_is_served(self, scheduler, connection):
+        """Idle past park_after, the connection gives up its thread and still works."""
+        baseline = threading.active_count()
+        connection.request("GET", "/workers")
+        self.assertEqual(connection.getresponse().read(), b'{"workers": []}')
+        sock = connection.sock
+        wait_until(lambda: threading.active_count() <= baseline, message="the thread to go")
+        connection.request("GET", "/workers")
+        self.assertEqual(connection.getresponse().read(), b'{"workers": []}')
+        self.assertIs(connection.sock, sock)  # the same connection, served again
+
+    def test_an_idle_connection_is_parked_then_served_again(self):
+        scheduler = self.scheduler()
+        scheduler.server.park_after = 0.05
+        connection = http.client.HTTPConnection(*scheduler.address.rsplit(":", 1), timeout=10)
+        self.addCleanup(connection.close)
+        self.assert_parked_connection_is_served(scheduler, connection)
+
+    def test_a_parked_connection_is_closed_after_the_read_timeout(self):
+        scheduler = self.scheduler(read_timeout=0.5)
+        scheduler.server.park_after = 0.05
+        host, port = scheduler.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GET /workers HTTP/1.1\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b'{"workers": []}'):
+                reply += sock.recv(4096)
+            self.assertEqual(sock.recv(4096), b"")  # closed by the server, not by the timeout
 
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         scheduler = self.scheduler()
