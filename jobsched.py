@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import os
+import pyexpat
 import random
 import re
 import selectors
@@ -611,6 +612,9 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         self.address = format_address(host, self.server_address[1])
 
     def serve_in_thread(self):
+        if pyexpat.version_info < (2, 6, 0):
+            log.warning("expat %s is older than 2.6.0: jobsched refuses DTDs itself, but upgrade "
+                        "for expat's own entity protections", pyexpat.EXPAT_VERSION)
         with self._park_lock:
             self._parking = True
         threading.Thread(target=self._parking_loop, name="jobsched-parking", daemon=True).start()
@@ -1968,10 +1972,6 @@ def _client_from_args(args):
 def _configure_logging(level):
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    import pyexpat
-    if pyexpat.version_info < (2, 6, 0):
-        log.warning("expat %s is older than 2.6.0: jobsched refuses DTDs itself, but upgrade "
-                    "for expat's own entity protections", pyexpat.EXPAT_VERSION)
 
 
 def _serve_until_signal(role, banner):
