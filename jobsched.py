@@ -217,6 +217,16 @@ def want_number(value, name, minimum=0, integer=False):
     return value
 
 
+def lookup(table, lock, key, kind):
+    """table[key], read under lock; NotFound "<kind> not found" if it is not there."""
+    want_str(key, kind + "_id", limit=256)
+    with lock:
+        value = table.get(key)
+    if value is None:
+        raise NotFound("%s not found: %s" % (kind, _short(key)))
+    return value
+
+
 def want_struct(value, name):
     if not isinstance(value, dict):
         raise BadRequest("%s must be a struct, not %s" % (name, type(value).__name__))
@@ -1446,12 +1456,7 @@ class Worker(_Role):
         self._expire_jobs()
 
     def _get(self, job_id):
-        want_str(job_id, "job_id", limit=256)
-        with self.jobs_lock:
-            job = self._jobs.get(job_id)
-        if job is None:
-            raise NotFound("job not found: %s" % _short(job_id))
-        return job
+        return lookup(self._jobs, self.jobs_lock, job_id, "job")
 
     def _stop_job(self, job, reason):
         """TERM the group, KILL it after the grace period; true once the job has ended."""
@@ -1694,12 +1699,7 @@ class Scheduler(_Role):
                 "hostname": socket.gethostname()}
 
     def _worker(self, worker_id):
-        want_str(worker_id, "worker_id", limit=256)
-        with self.workers_lock:
-            rec = self._workers.get(worker_id)
-        if rec is None:
-            raise NotFound("worker not found: %s" % _short(worker_id))
-        return rec
+        return lookup(self._workers, self.workers_lock, worker_id, "worker")
 
     def _online_worker(self, rec):
         with self.workers_lock:
