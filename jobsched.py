@@ -16,7 +16,6 @@ License: MIT (see LICENSE).
 
 import argparse
 import base64
-import concurrent.futures
 import errno
 import fcntl
 import functools
@@ -28,6 +27,7 @@ import json
 import logging
 import os
 import pyexpat
+import queue
 import random
 import re
 import selectors
@@ -234,6 +234,14 @@ def want_struct(value, name):
 
 
 JOB_OPTIONS = ("args", "env", "cwd", "timeout")
+MAX_JOB_TIMEOUT = 10 ** 7     # seconds (115 days); threading.Timer cannot wait much longer
+
+
+def want_timeout(value):
+    seconds = want_number(value, "timeout", minimum=0.001)
+    if seconds > MAX_JOB_TIMEOUT:
+        raise BadRequest("timeout must be at most %d seconds" % MAX_JOB_TIMEOUT)
+    return seconds
 
 
 def parse_job_options(options):
@@ -256,7 +264,7 @@ def parse_job_options(options):
         "args": [want_str(a, "args[%d]" % i, limit=65536) for i, a in enumerate(args)],
         "env": env,
         "cwd": want_str(options["cwd"], "cwd") if options.get("cwd") else None,
-        "timeout": want_number(timeout, "timeout", minimum=0.001) if timeout is not None else None,
+        "timeout": want_timeout(timeout) if timeout is not None else None,
     }
 
 
@@ -611,9 +619,9 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         self.read_timeout = read_timeout
         self._unauthorized_peers = set()  #: peers already logged as unauthorized; guarded by the GIL (set.add)
         self._park_lock = threading.Lock()
-        #: guards self._to_park (connections handed to the parking thread) and self._parking
+        #: guards self._to_park (connections handed to the parking thread), self._parking and
+        #: sends on self._wake_parking (a socketpair while the parking thread runs)
         self._to_park, self._parking = [], False
-        self._wake_parking, self._parking_wakeup = socket.socketpair()
         try:
             super().__init__((host, port), requestHandler=RequestHandler, logRequests=False,
                              allow_none=False)
@@ -627,7 +635,10 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
                         "for expat's own entity protections", pyexpat.EXPAT_VERSION)
         with self._park_lock:
             self._parking = True
-        threading.Thread(target=self._parking_loop, name="jobsched-parking", daemon=True).start()
+            self._wake_parking, wakeup = socket.socketpair()
+            self._wake_parking.setblocking(False)  # a full pipe already means "wake up"
+        threading.Thread(target=self._parking_loop, args=(wakeup,), name="jobsched-parking",
+                         daemon=True).start()
         thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="jobsched-accept", daemon=True)
         thread.start()
@@ -638,8 +649,9 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         if getattr(self, "_serving", False):  # shutdown() waits for a serve_forever() to end
             self.shutdown()
         with self._park_lock:
-            self._parking = False
-        self._wake_parking.send(b"x")
+            if self._parking:
+                self._parking = False
+                self._wake()  # the parking thread closes the pair
         self.server_close()
 
     def process_request_thread(self, request, client_address):
@@ -665,32 +677,42 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         with self._park_lock:
             if self._parking:
                 self._to_park.append((connection, client_address))
-                connection = None
-        if connection is None:
-            self._wake_parking.send(b"x")
-        else:
-            self.shutdown_request(connection)
+                self._wake()
+                return
+        self.shutdown_request(connection)
 
-    def _parking_loop(self):
+    def _wake(self):
+        try:
+            self._wake_parking.send(b"x")
+        except BlockingIOError:
+            pass
+
+    def _parking_loop(self, wakeup):
         """Hand each parked connection back to a new thread when its next request arrives."""
         selector = selectors.DefaultSelector()
-        selector.register(self._parking_wakeup, selectors.EVENT_READ)
+        selector.register(wakeup, selectors.EVENT_READ)
         parked = {}  # connection -> (client_address, parked since)
         while True:
             for key, _ in selector.select(timeout=1.0):
-                if key.fileobj is self._parking_wakeup:
-                    self._parking_wakeup.recv(4096)
+                if key.fileobj is wakeup:
+                    wakeup.recv(4096)
                     continue
                 selector.unregister(key.fileobj)
                 client_address, _ = parked.pop(key.fileobj)
-                threading.Thread(target=self.serve_connection, args=(key.fileobj, client_address),
-                                 daemon=True).start()
+                try:
+                    threading.Thread(target=self.serve_connection,
+                                     args=(key.fileobj, client_address), daemon=True).start()
+                except RuntimeError:  # no thread to be had: drop the connection, not the loop
+                    self.shutdown_request(key.fileobj)
             with self._park_lock:
                 arrived, self._to_park, running = self._to_park, [], self._parking
             now = time.monotonic()
             for connection, client_address in arrived:
-                selector.register(connection, selectors.EVENT_READ)
-                parked[connection] = client_address, now
+                try:
+                    selector.register(connection, selectors.EVENT_READ)
+                    parked[connection] = client_address, now
+                except (ValueError, OSError):  # closed under us
+                    self.shutdown_request(connection)
             for connection in [c for c, (_, since) in parked.items()
                                if not running or now - since > self.read_timeout]:
                 selector.unregister(connection)
@@ -698,6 +720,9 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
                 self.shutdown_request(connection)
             if not running:
                 selector.close()
+                with self._park_lock:
+                    self._wake_parking.close()
+                wakeup.close()
                 return
 
     def handle_error(self, request, client_address):
@@ -834,7 +859,8 @@ class _Transport(xmlrpc.client.Transport):
                 connection.sock.settimeout(seconds)
 
 
-_CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ResponseError) + (
+_CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ResponseError,
+                      pyexpat.ExpatError) + (
     (ssl.CertificateError,) if ssl is not None else ())
 
 
@@ -1084,6 +1110,7 @@ class Worker(_Role):
         self._running = 0
         self._closing = False
         self._closed = threading.Event()
+        self._registered = False  # written by the heartbeat thread only
         if advertise:
             parse_address(advertise)
         self._lock_file = self._lock_state_dir()
@@ -1168,14 +1195,16 @@ class Worker(_Role):
                         records[name[:-5]] = json.loads(f.read().decode("utf-8"))
                 except (OSError, ValueError) as e:
                     log.warning("ignoring unreadable job record %s: %s", path, e)
+        for job_id in outputs - set(records):  # created, then the worker died before the journal
+            os.unlink(self._out_path(job_id))
+        for job_id in set(records) - outputs:  # removed by --keep-jobs; its journal line lingers
+            del records[job_id]
         jobs = []
         for job_id, record in records.items():
             try:
                 jobs.append(Job.from_record(record))
             except (KeyError, TypeError, AttributeError) as e:
                 log.warning("ignoring unreadable record of job %s: %s", job_id, e)
-        for job_id in outputs - set(records):  # created, then the worker died before the journal
-            os.unlink(self._out_path(job_id))
         for job in jobs:
             if job.state == "running":
                 current = process_start_time(job.pid) if job.pid else None
@@ -1199,6 +1228,8 @@ class Worker(_Role):
         a rewrite of the journal finds every job in the old file or in self._jobs."""
         line = job.to_record() + b"\n"
         with self.journal_lock:
+            if self._journal is None:
+                raise Unavailable("worker is shutting down")
             if self._journal_bytes > JOURNAL_LIMIT:
                 self._rewrite_journal()
             try:
@@ -1209,6 +1240,8 @@ class Worker(_Role):
                 raise
             self._journal_bytes += len(line)
             with self.jobs_lock:
+                if self._closing:  # close() has taken its list of jobs to stop
+                    raise Unavailable("worker is shutting down")
                 self._jobs[job.job_id] = job
 
     def _rewrite_journal(self):
@@ -1293,16 +1326,12 @@ class Worker(_Role):
                 failures, delay = 0, self.heartbeat
             except NotFound:  # the scheduler restarted and forgot us: same id, at once
                 registered, delay = False, 0.0
-            except JobschedError as e:
+            except Exception as e:  # JobschedError, or a peer that is not a jobsched scheduler
                 failures += 1
                 if failures == 1:
                     log.warning("cannot reach scheduler %s: %s (retrying)", scheduler.address, e)
                 delay = min(30.0, 0.25 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
-        if registered:
-            try:
-                scheduler.call("deregister", self.worker_id, timeout=1.0)
-            except JobschedError as e:
-                log.warning("could not deregister: %s", e)
+            self._registered = registered
         scheduler.close()
 
     def close(self):
@@ -1319,8 +1348,15 @@ class Worker(_Role):
         for thread in stoppers:
             thread.join()
         self._closed.set()
+        if self._registered:  # here, not in the heartbeat thread: it may be stuck in a call
+            scheduler = RPCClient(self.scheduler, security=self.security, timeout=1.0)
+            try:
+                scheduler.call("deregister", self.worker_id)
+            except JobschedError as e:
+                log.warning("could not deregister: %s", e)
+            scheduler.close()
         for thread in self._threads:
-            thread.join(timeout=3.0)
+            thread.join(timeout=1.0)
         with self.journal_lock:
             os.close(self._journal)
             self._journal = None
@@ -1401,10 +1437,12 @@ class Worker(_Role):
         job.proc_start = process_start_time(job.pid)
         try:
             self._journal_started(job)
-        except OSError as e:
+        except (OSError, Unavailable) as e:
             signal_group(job.pid, signal.SIGKILL)
             job.process.wait()
             os.unlink(out_path)
+            if isinstance(e, Unavailable):
+                raise
             raise Unavailable("cannot write job record in %s: %s" % (self.state_dir, e.strerror))
         if opts["timeout"] is not None:
             job.timer = threading.Timer(opts["timeout"], self._stop_job, (job, "timeout"))
@@ -1444,12 +1482,13 @@ class Worker(_Role):
                 job.signal = -returncode
             job.state = job.stop_reason or ("succeeded" if returncode == 0 else "failed")
             self._running -= 1
-            self._finished.append(job.job_id)
             self._job_changed.notify_all()
         try:
             self._write_record(job)
         except OSError as e:
             log.error("cannot write the record of job %s: %s", job.job_id, e)
+        with self.jobs_lock:
+            self._finished.append(job.job_id)  # only now may --keep-jobs remove its files
         job.finished.set()
         job.finished = _ENDED  # waiters hold the set Event; later ones get the shared one
         log.info("job %s %s%s", job.job_id, job.state, ": " + job.error_text if job.error_text else "")
@@ -1575,9 +1614,11 @@ class Scheduler(_Role):
         self.security = security or Security(token, tls_cert, tls_key, tls_ca, insecure)
         self.rpc_timeout = rpc_timeout
         self.workers_lock = threading.Lock()
-        #: guards self._workers, self._job_index, self._round_robin and every WorkerRecord
+        #: guards self._workers, self._job_index, self._job_order, self._round_robin and every
+        #: WorkerRecord
         self._workers = {}     # worker_id -> WorkerRecord, in registration order
-        self._job_index = {}   # job_id -> worker_id, oldest first
+        self._job_index = {}   # job_id -> worker_id
+        self._job_order = deque()  # the ids in self._job_index, oldest first
         self._round_robin = 0
         self._closed = threading.Event()
         self.server = RPCServer(listen, self.security, {
@@ -1707,11 +1748,15 @@ class Scheduler(_Role):
                 raise Unavailable("worker offline")
             return rec
 
-    def _remember(self, job_id, worker_id):
+    def _remember(self, *pairs):
+        """Index (job_id, worker_id) pairs, forgetting the oldest past JOB_INDEX_LIMIT."""
         with self.workers_lock:
-            self._job_index[job_id] = worker_id
-            if len(self._job_index) > JOB_INDEX_LIMIT:
-                del self._job_index[next(iter(self._job_index))]
+            for job_id, worker_id in pairs:
+                if job_id not in self._job_index:
+                    self._job_order.append(job_id)
+                self._job_index[job_id] = worker_id
+            while len(self._job_order) > JOB_INDEX_LIMIT:
+                del self._job_index[self._job_order.popleft()]
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -1762,7 +1807,7 @@ class Scheduler(_Role):
                     tried.add(rec.worker_id)
                     with self.workers_lock:
                         rec.running -= 1
-        self._remember(job_id, rec.worker_id)
+        self._remember((job_id, rec.worker_id))
         return job_id
 
     def _route(self, ids):
@@ -1787,7 +1832,7 @@ class Scheduler(_Role):
                 raise Unavailable("job %s not found on the workers that answered; %d did not"
                                   % (_short(job_id), silent))
             raise NotFound("job not found: %s" % _short(job_id))
-        self._remember(job_id, found[0].worker_id)
+        self._remember((job_id, found[0].worker_id))
         return found[0], job_id
 
     def _ask_online(self, method, *params, first=None):
@@ -1801,21 +1846,23 @@ class Scheduler(_Role):
         if not records:
             return []
 
+        answers = queue.Queue()
+
         def ask(rec):
             try:
-                return rec, rec.client.call(method, *params)
+                answers.put((rec, rec.client.call(method, *params)))
             except JobschedError as e:
-                return rec, e
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(records)))
-        try:
-            futures = [pool.submit(ask, rec) for rec in records]
-            for future in concurrent.futures.as_completed(futures):
-                rec, result = future.result()
-                if first is not None and first(result):
-                    return [(rec, result)]
-            return [future.result() for future in futures]
-        finally:
-            pool.shutdown(wait=False)
+                answers.put((rec, e))
+        # Daemon threads, not an executor: a hung worker must not hold up the process's exit.
+        for rec in records:
+            threading.Thread(target=ask, args=(rec,), daemon=True).start()
+        results = []
+        for _ in records:  # each call ends within the rpc timeout
+            rec, result = answers.get()
+            if first is not None and first(result):
+                return [(rec, result)]
+            results.append((rec, result))
+        return results
 
     def stop(self, *ids):
         """stop(job_id) or stop(worker_id, job_id): true once the job has ended."""
@@ -1848,10 +1895,8 @@ class Scheduler(_Role):
                 log.warning("worker %s did not list its jobs: %s", rec.worker_id, result)
         # Index fresh copies: the listing's own strings would keep the memory of the whole
         # parsed listing allocated (100000 jobs: 150 MB of RSS instead of 15 MB).
-        learned = [(job["job_id"].encode().decode(), sys.intern(job["worker_id"])) for job in jobs]
-        with self.workers_lock:
-            for job_id, worker_id in learned:
-                self._job_index.setdefault(job_id, worker_id)
+        self._remember(*[(job["job_id"].encode().decode(), sys.intern(job["worker_id"]))
+                         for job in jobs])
         return jobs
 
     # -- JSON routes (the seed's HTTP API) -----------------------------------------------------
@@ -2037,16 +2082,17 @@ def cmd_start(args):
     return 0
 
 
-def _write_output(client, job_id, offset, follow):
-    """Copy a job's output to stdout from offset; follow until the job ends if asked."""
+def _write_output(client, job_id, position, follow):
+    """Copy a job's output to stdout from position["offset"], keeping it up to date (so a Ctrl-C
+    loses no place); follow until the job ends if asked."""
     out = sys.stdout.buffer
     while True:
-        reply = client.output(job_id, offset, MAX_OUTPUT_CHUNK, 10 if follow else 0)
+        reply = client.output(job_id, position["offset"], MAX_OUTPUT_CHUNK, 10 if follow else 0)
         out.write(reply["data"])
         out.flush()
-        offset = reply["offset"]
+        position["offset"] = reply["offset"]
         if reply["eof"] or (not follow and not reply["data"]):
-            return offset
+            return
 
 
 def job_exit_status(job):
@@ -2061,10 +2107,10 @@ def job_exit_status(job):
 def cmd_run(args):
     client = _client_from_args(args)
     job_id = _start_from_args(client, args)
-    offset, interrupted = 0, False
+    position, interrupted = {"offset": 0}, False
     while True:
         try:
-            offset = _write_output(client, job_id, offset, follow=True)
+            _write_output(client, job_id, position, follow=True)
             break
         except KeyboardInterrupt:
             if interrupted:
@@ -2096,7 +2142,7 @@ def cmd_query(args):
 def cmd_logs(args):
     if args.offset < 0:
         raise ConfigError("--offset must be >= 0")
-    _write_output(_client_from_args(args), args.job_id, args.offset, args.follow)
+    _write_output(_client_from_args(args), args.job_id, {"offset": args.offset}, args.follow)
     return 0
 
 

@@ -5,6 +5,7 @@ Run: python3 -m unittest -v test_jobsched
 
 import base64
 import http.client
+import http.server
 import json
 import logging
 import os
@@ -894,6 +895,24 @@ class WorkerStateDirTest(ClusterTestCase):
         self.assertEqual(c.jobs(), [job])
         self.assertEqual(c.stop(job_id), True)
 
+    def test_keep_jobs_holds_on_disk_and_across_a_restart(self):
+        state_dir = self.tempdir()
+        c = self.client(self.worker(None, state_dir=state_dir, keep_jobs=1))
+        ids = [c.start("sh", "", sh_args("exit %d" % (n % 3))) for n in range(30)]
+        for job_id in ids:
+            wait_until(lambda: fault_of(c.query, job_id) or c.query(job_id)["done"],
+                       message="job %s to end or be removed" % job_id)
+        wait_until(lambda: job_files(state_dir) == sorted([ids[-1] + ".json", ids[-1] + ".out"]),
+                   message="only the newest job's files")
+        c2 = self.client(self.worker(None, state_dir=self.restart_copy(state_dir), keep_jobs=1))
+        self.assertEqual([(j["job_id"], j["state"]) for j in c2.jobs()], [(ids[-1], "failed")])
+
+    def restart_copy(self, state_dir):
+        """The state dir as a worker restarted on it would find it (the original stays locked)."""
+        copy = os.path.join(self.tempdir(), "copy")
+        shutil.copytree(state_dir, copy)
+        return copy
+
     def test_journal_is_rewritten_with_the_running_jobs_only(self):
         self.addCleanup(setattr, jobsched, "JOURNAL_LIMIT", jobsched.JOURNAL_LIMIT)
         jobsched.JOURNAL_LIMIT = 1  # rewrite before every start
@@ -904,7 +923,11 @@ class WorkerStateDirTest(ClusterTestCase):
         finished = [c.start("sh", "", sh_args("exit %d" % n)) for n in (0, 3)]
         for job_id in finished:
             self.wait_done(c, job_id)
-        c.start("true", "")  # its rewrite drops the lines of the jobs that have ended
+        last = c.start("true", "")  # its rewrite drops the lines of the jobs that have ended
+        self.wait_done(c, last)
+        records = [os.path.join(state_dir, job_id + ".json") for job_id in finished + [last]]
+        wait_until(lambda: all(map(os.path.exists, records)),
+                   message="the final records")  # nothing writes during the copy
         with open(os.path.join(state_dir, "journal"), "rb") as f:
             ids = [json.loads(line.decode())["job_id"] for line in f]
         self.assertIn(running, ids)
@@ -1089,6 +1112,15 @@ class SchedulerTest(ClusterTestCase):
 
 class JsonApiTest(ClusterTestCase):
 
+    def test_timeouts_beyond_the_limit_are_refused(self):
+        scheduler, (w,), c = self.cluster(1)
+        status, reply = http_call(scheduler.address, "POST", "/start",
+                                  {"command": "true", "timeout": 10 ** 30})
+        self.assertEqual((status, reply), (400, {"error": "timeout must be at most %d seconds"
+                                                  % jobsched.MAX_JOB_TIMEOUT}))
+        with self.assertRaises(jobsched.BadRequest):
+            self.client(w).start("true", "", {"timeout": 1e30})
+
     def test_seed_routes(self):
         scheduler, (w,), c = self.cluster(1)
         a = scheduler.address
@@ -1148,6 +1180,20 @@ class JsonApiTest(ClusterTestCase):
         scheduler = self.scheduler()
         status, reply = http_call(scheduler.address, "POST", "/start", {"worker_id": "", "command": "true", "path": ""})
         self.assertEqual((status, reply), (503, {"error": "no worker has a free slot"}))
+
+
+class WebPage(http.server.BaseHTTPRequestHandler):
+    """A web server that is not jobsched: 200 and an HTML page for any POST."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "10")
+        self.end_headers()
+        self.wfile.write(b"<p>not xml")  # not even well-formed
+
+    def log_message(self, *args):
+        pass
 
 
 class CommandLineTest(ClusterTestCase):
@@ -1242,6 +1288,7 @@ class CommandLineTest(ClusterTestCase):
         out, err = proc.communicate(timeout=30)
         self.assertEqual(proc.returncode, 128 + 15, err)
         self.assertNotIn(b"Traceback", err)
+        self.assertEqual(out, b"")  # "started" was read above; nothing is written twice
         self.assertEqual(self.c.query(job["job_id"])["state"], "stopped")
 
     def test_logs_exact_bytes_offset_and_follow(self):
@@ -1317,9 +1364,15 @@ class CommandLineTest(ClusterTestCase):
         closed.bind(("127.0.0.1", 0))
         self.addCleanup(closed.close)
         unreachable = "127.0.0.1:%d" % closed.getsockname()[1]
+        not_xml_rpc = http.server.HTTPServer(("127.0.0.1", 0), WebPage)
+        threading.Thread(target=not_xml_rpc.serve_forever, daemon=True).start()
+        self.addCleanup(not_xml_rpc.server_close)
+        self.addCleanup(not_xml_rpc.shutdown)
+        web_page = "127.0.0.1:%d" % not_xml_rpc.server_address[1]  # 200 and HTML to a POST
         cases = [["query", "no-such-job"], ["stop", "no-such-job"], ["logs", "no-such-job"],
                  ["start", "--worker", "no-such-worker", "--", "true"],
-                 ["workers", "--scheduler", not_a_scheduler], ["jobs", "--scheduler", unreachable]]
+                 ["workers", "--scheduler", not_a_scheduler], ["jobs", "--scheduler", unreachable],
+                 ["workers", "--scheduler", web_page]]
         procs = [(args, self.popen_cli(*args)) for args in cases]
         for args, proc in procs:
             out, err = proc.communicate(timeout=30)
