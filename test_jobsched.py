@@ -284,6 +284,27 @@ def worker_args(scheduler, state_dir, *extra):
             state_dir, "--heartbeat", "0.2", "--stop-grace", "1") + extra
 
 
+def popen_jobsched(case, args, env=None, preexec_fn=None):
+    """`python jobsched.py ARGS` with stdout and stderr piped; ended (SIGTERM, then SIGKILL)
+    and reaped at cleanup."""
+    proc = subprocess.Popen([sys.executable, JOBSCHED] + list(args), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=preexec_fn)
+
+    def cleanup():
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+    case.addCleanup(cleanup)
+    return proc
+
+
 def run_limited(case, max_file_size, *args):
     """Start `jobsched.py ARGS` with RLIMIT_FSIZE: every write past max_file_size bytes fails
     with EFBIG, as on a full disk. Returns (proc, address) once listening, or the proc if it
@@ -292,16 +313,7 @@ def run_limited(case, max_file_size, *args):
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_size, max_file_size))
-    proc = subprocess.Popen([sys.executable, JOBSCHED] + list(args), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, preexec_fn=limit)
-
-    def cleanup():
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait(timeout=15)
-        proc.stdout.close()
-        proc.stderr.close()
-    case.addCleanup(cleanup)
+    proc = popen_jobsched(case, args, preexec_fn=limit)
     line = proc.stdout.readline().decode()
     if "listening on" not in line:
         return proc, None
@@ -1229,17 +1241,7 @@ class CommandLineTest(ClusterTestCase):
     def popen_cli(self, *args):
         env = dict(os.environ, **self.env)
         env.pop("JOBSCHED_TOKEN", None)
-        proc = subprocess.Popen([sys.executable, JOBSCHED] + list(args), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-
-        def cleanup():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-            proc.stdout.close()
-            proc.stderr.close()
-        self.addCleanup(cleanup)
-        return proc
+        return popen_jobsched(self, args, env=env)
 
     def test_start_prints_only_the_id(self):
         cwd = self.tempdir()
