@@ -16,6 +16,7 @@ License: MIT (see LICENSE).
 
 import argparse
 import base64
+import datetime
 import errno
 import fcntl
 import functools
@@ -52,7 +53,8 @@ except ImportError:  # a Python built without OpenSSL still runs plain HTTP
 
 __version__ = "1.0.0"
 __all__ = [
-    "JobschedError", "NotFound", "BadRequest", "Unavailable", "Unreachable", "InternalError",
+    "JobschedError", "NotFound", "BadRequest", "Unavailable", "Unreachable", "Unauthorized",
+    "InternalError",
     "ConfigError", "Security", "Headers", "RequestHandler", "RPCServer", "RPCClient", "Client", "Job", "Worker", "WorkerRecord",
     "Scheduler", "main",
 ]
@@ -68,6 +70,7 @@ FOLLOW_POLL_SECONDS = 0.02    # how often a waiting output() looks at the file a
 MISSED_HEARTBEATS = 3         # a worker silent this many intervals is offline
 JOB_INDEX_LIMIT = 1000000     # job ids the scheduler remembers; older ones are asked for
 JOURNAL_LIMIT = 4 * MiB       # a worker's journal of started jobs is rewritten past this size
+EARLY_HEARTBEAT_GAP = 0.1     # the least time between a worker's heartbeats when jobs end
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +103,10 @@ class Unavailable(JobschedError):
 
 class Unreachable(Unavailable):
     """The peer could not be reached or answered at the HTTP level (no fault was received)."""
+
+
+class Unauthorized(Unreachable):
+    """The peer answered HTTP 401: the token is missing or wrong."""
 
 
 class InternalError(JobschedError):
@@ -289,8 +296,10 @@ def parse_address(text, default_port=None):
         host, port = hostport, ""
     if not port and default_port is not None:
         port = str(default_port)
-    if not re.match(r"[0-9]{1,5}\Z", port) or int(port) > 65535:
+    if not re.match(r"[0-9]+\Z", port):
         raise ConfigError("address %s is not HOST:PORT" % shown)
+    if len(port) > 5 or int(port) > 65535:
+        raise ConfigError("address %s: port out of range (at most 65535)" % shown)
     return scheme, host, int(port), password or None
 
 
@@ -904,8 +913,9 @@ class RPCClient:
         except xmlrpc.client.ProtocolError as e:
             transport.close()
             if e.errcode == 401:
-                raise Unreachable("%s refused the request: missing or wrong token (HTTP 401)"
-                                  % self.address) from None
+                raise Unauthorized("%s refused the request: missing or wrong token (HTTP 401); "
+                                   "give the cluster's token with --token-file FILE or "
+                                   "JOBSCHED_TOKEN_FILE" % self.address) from None
             raise Unreachable("%s answered HTTP %d %s" % (self.address, e.errcode, e.errmsg)) from None
         except _CONNECTION_ERRORS as e:
             transport.close()
@@ -932,6 +942,7 @@ class RPCClient:
 class _Role:
     """What Scheduler and Worker share: a server, serving in a thread, closing once."""
     server = None
+    fatal_error = None  # why the role cannot go on (a worker whose token the scheduler refuses)
 
     @property
     def address(self):
@@ -1110,6 +1121,7 @@ class Worker(_Role):
         self._running = 0
         self._closing = False
         self._closed = threading.Event()
+        self._beat_now = threading.Event()  # set when a job ends, and by close()
         self._registered = False  # written by the heartbeat thread only
         if advertise:
             parse_address(advertise)
@@ -1312,10 +1324,21 @@ class Worker(_Role):
         }
 
     def _heartbeat_loop(self):
-        """Register, then heartbeat; never give up on an unreachable scheduler."""
+        """Register, then heartbeat; never give up on an unreachable scheduler, only on one that
+        refuses our token (fatal_error). A job's end beats early, so that the scheduler's count
+        of running jobs stays true, at most every EARLY_HEARTBEAT_GAP seconds."""
         scheduler = RPCClient(self.scheduler, security=self.security, timeout=self.rpc_timeout)
-        registered, failures, delay = False, 0, 0.0
-        while not self._closed.wait(delay):
+        registered, failures, delay, last_beat = False, 0, 0.0, 0.0
+        while True:
+            if registered and not failures:
+                self._beat_now.wait(delay)
+                self._beat_now.clear()
+                self._closed.wait(max(0.0, last_beat + EARLY_HEARTBEAT_GAP - time.monotonic()))
+            else:
+                self._closed.wait(delay)
+            if self._closed.is_set():
+                break
+            last_beat = time.monotonic()
             try:
                 if registered:
                     scheduler.call("heartbeat", self.worker_id, self.info())
@@ -1326,6 +1349,13 @@ class Worker(_Role):
                 failures, delay = 0, self.heartbeat
             except NotFound:  # the scheduler restarted and forgot us: same id, at once
                 registered, delay = False, 0.0
+            except Unauthorized:
+                self.fatal_error = ("scheduler %s refused this worker's token (HTTP 401): give the "
+                                    "cluster's token with --token-file FILE or JOBSCHED_TOKEN_FILE"
+                                    % scheduler.address)
+                log.error("%s; no longer trying to register", self.fatal_error)
+                self._registered = False
+                break
             except Exception as e:  # JobschedError, or a peer that is not a jobsched scheduler
                 failures += 1
                 if failures == 1:
@@ -1348,15 +1378,17 @@ class Worker(_Role):
         for thread in stoppers:
             thread.join()
         self._closed.set()
+        self._beat_now.set()
         if self._registered:  # here, not in the heartbeat thread: it may be stuck in a call
-            scheduler = RPCClient(self.scheduler, security=self.security, timeout=1.0)
+            # Briefly: a scheduler that does not answer sees the worker offline soon anyway.
+            scheduler = RPCClient(self.scheduler, security=self.security, timeout=0.25)
             try:
                 scheduler.call("deregister", self.worker_id)
             except JobschedError as e:
                 log.warning("could not deregister: %s", e)
             scheduler.close()
-        for thread in self._threads:
-            thread.join(timeout=1.0)
+        for thread in self._threads:  # daemon threads: one stuck in a call is not waited for
+            thread.join(timeout=0.1)
         with self.journal_lock:
             os.close(self._journal)
             self._journal = None
@@ -1426,11 +1458,14 @@ class Worker(_Role):
                 start_new_session=True, executable=opts.get("executable"))
         except OSError as e:
             os.unlink(out_path)
-            raise BadRequest("cannot start %s: %s%s" % (_short(argv[0]), e.strerror or e,
-                                                         ": " + str(e.filename) if e.filename else ""))
+            reason = "%s%s" % (e.strerror or e, ": " + str(e.filename) if e.filename else "")
+            if isinstance(e, FileNotFoundError) and " " in argv[0] \
+                    and e.filename in (None, argv[0]):
+                reason += " (commands do not go through a shell: use sh -c '...')"
+            raise BadRequest(self._cannot_start(argv, reason))
         except (ValueError, TypeError) as e:
             os.unlink(out_path)
-            raise BadRequest("cannot start %s: %s" % (_short(argv[0]), e))
+            raise BadRequest(self._cannot_start(argv, e))
         finally:
             os.close(out)
         job.pid = job.process.pid
@@ -1451,6 +1486,10 @@ class Worker(_Role):
         # threading.Thread.start() would wait for the new thread to run: a quarter of a start.
         _thread.start_new_thread(self._wait_for, (job,))
         return job
+
+    def _cannot_start(self, argv, reason):
+        return "cannot start %s on worker %s (%s): %s" % (_short(argv[0]), self.worker_id,
+                                                          socket.gethostname(), reason)
 
     def _wait_for(self, job):
         """The waiter: record the outcome under the lock, then write it down."""
@@ -1483,6 +1522,7 @@ class Worker(_Role):
             job.state = job.stop_reason or ("succeeded" if returncode == 0 else "failed")
             self._running -= 1
             self._job_changed.notify_all()
+        self._beat_now.set()
         try:
             self._write_record(job)
         except OSError as e:
@@ -1742,11 +1782,31 @@ class Scheduler(_Role):
     def _worker(self, worker_id):
         return lookup(self._workers, self.workers_lock, worker_id, "worker")
 
-    def _online_worker(self, rec):
+    def _online_worker(self, rec, job_id=None):
+        """rec if it is online; else fault 3 naming it, when it was last seen (and the job)."""
+        now = time.time()
         with self.workers_lock:
-            if not rec.online(time.time()):
-                raise Unavailable("worker offline")
-            return rec
+            if rec.online(now):
+                return rec
+            address, silent = rec.address, now - rec.last_seen
+        raise Unavailable("%sworker %s (%s, last seen %d s ago) is offline" % (
+            "job %s: " % job_id if job_id else "", rec.worker_id, address, round(silent)))
+
+    def _no_worker_took(self, refusals):
+        """Fault 3's message when no worker took a job; refusals: [(worker_id, error)], in order."""
+        now = time.time()
+        with self.workers_lock:
+            registered = len(self._workers)
+            online = [rec for rec in self._workers.values() if rec.online(now)]
+            slots = sum(rec.slots for rec in online)
+        if not online or not refusals:
+            return "no worker is online (%d registered, %d online)" % (registered, len(online))
+        # Worker.start's own words for a full worker; any other refusal is worth reporting.
+        others = [(worker_id, e) for worker_id, e in refusals
+                  if not str(e).startswith("worker is full")]
+        if others:
+            return "worker %s refused the job: %s" % others[-1]
+        return "no worker has a free slot (%d online, all %d slots busy)" % (len(online), slots)
 
     def _remember(self, *pairs):
         """Index (job_id, worker_id) pairs, forgetting the oldest past JOB_INDEX_LIMIT."""
@@ -1790,21 +1850,27 @@ class Scheduler(_Role):
         params = (command, path) + ((options,) if options is not None else ())
         if worker_id:
             rec = self._online_worker(self._worker(worker_id))
-            job_id = rec.client.call("start", *params)
-            with self.workers_lock:
-                rec.running += 1
+            with self.workers_lock:  # before the call, as _pick_worker does: a heartbeat sent
+                rec.running += 1     # when the job ends, even a very short one, is then the truth
+            try:
+                job_id = rec.client.call("start", *params)
+            except BaseException:
+                with self.workers_lock:
+                    rec.running -= 1
+                raise
         else:
-            tried = set()
+            tried, refusals = set(), []
             while True:
                 rec = self._pick_worker(tried)
                 if rec is None:
-                    raise Unavailable("no worker has a free slot")
+                    raise Unavailable(self._no_worker_took(refusals))
                 try:
                     job_id = rec.client.call("start", *params)
                     break
                 except Unavailable as e:  # full, disk full, shutting down or unreachable: next
                     log.info("worker %s refused a job: %s", rec.worker_id, e)
                     tried.add(rec.worker_id)
+                    refusals.append((rec.worker_id, e))
                     with self.workers_lock:
                         rec.running -= 1
         self._remember((job_id, rec.worker_id))
@@ -1823,7 +1889,7 @@ class Scheduler(_Role):
         with self.workers_lock:
             worker_id = self._job_index.get(job_id) or worker_id
         if worker_id:
-            return self._online_worker(self._worker(worker_id)), job_id
+            return self._online_worker(self._worker(worker_id), job_id), job_id
         answers = self._ask_online("query", job_id, first=lambda result: isinstance(result, dict))
         found = [rec for rec, struct in answers if isinstance(struct, dict)]
         if not found:
@@ -1931,10 +1997,95 @@ class Scheduler(_Role):
 # Client
 # ---------------------------------------------------------------------------------------------
 
+def _speaks_tls(address, timeout):
+    """True if address answers a TLS handshake as a TLS server would. The certificate is not
+    verified: this only decides which error message a plain-HTTP client gives."""
+    if ssl is None:
+        return False
+    host, _, port = address.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            context.wrap_socket(sock).close()
+        return True
+    except ssl.SSLError as e:  # a TLS alert (e.g. "certificate required") is a TLS answer too
+        return "ALERT" in str(e.reason)
+    except (OSError, ValueError):
+        return False
+
+
+#: what a plain-HTTP request to a TLS port ends with: a reset (Python 3.6's server) or a reply
+#: that is not HTTP (a TLS alert record)
+_TLS_PORT_SYMPTOMS = (ConnectionResetError, BrokenPipeError, http.client.HTTPException)
+
+
+class _PlainHTTPToTLS(Unreachable):
+    """Plain HTTP met a TLS port: unlike other Unreachable errors, waiting will not help."""
+
+
 class Client(RPCClient):
     """What programs and the command line call: one method per RPC of the scheduler and the
     worker (start, stop, query, output, jobs, workers, info, register, deregister, heartbeat),
-    plus follow(). Same arguments as the RPCs; see RPCClient for addresses and errors."""
+    plus follow(). Same arguments as the RPCs; see RPCClient for addresses and errors.
+
+    ``from_env()`` builds a client of the scheduler configured as the command line is. A client
+    made with ``expect_role="scheduler"`` (as from_env() makes it) that finds a worker at its
+    address says so; any client whose plain HTTP meets a TLS port says so. Both are found out
+    on the error path only: a call that succeeds costs one round trip."""
+
+    def __init__(self, address=DEFAULT_SCHEDULER, *args, expect_role=None, **kwargs):
+        super().__init__(address, *args, **kwargs)
+        self.expect_role = expect_role
+
+    @classmethod
+    def from_env(cls, **overrides):
+        """A client of the scheduler, from the environment variables and defaults of the
+        command line: ``address`` JOBSCHED_SCHEDULER (else 127.0.0.1:50000); the token read
+        from ``token_file`` JOBSCHED_TOKEN_FILE, else ``token`` JOBSCHED_TOKEN; ``tls_ca``,
+        ``tls_cert``, ``tls_key`` JOBSCHED_TLS_CA, _CERT, _KEY; ``timeout`` 10 s. A keyword
+        given overrides its variable (None counts as not given); an explicit token wins over
+        any token file."""
+        variables = {"address": "JOBSCHED_SCHEDULER", "token_file": "JOBSCHED_TOKEN_FILE",
+                     "token": "JOBSCHED_TOKEN", "tls_ca": "JOBSCHED_TLS_CA",
+                     "tls_cert": "JOBSCHED_TLS_CERT", "tls_key": "JOBSCHED_TLS_KEY", "timeout": None}
+        unknown = sorted(set(overrides) - set(variables))
+        if unknown:
+            raise TypeError("from_env() got an unexpected keyword argument %r" % unknown[0])
+        settings = {}
+        for name, variable in variables.items():
+            settings[name] = overrides.get(name)
+            if settings[name] is None and variable:
+                settings[name] = os.environ.get(variable) or None
+        token = overrides.get("token")
+        if token is None:
+            token = (read_token_file(settings["token_file"]) if settings["token_file"]
+                     else settings["token"])
+        timeout = settings["timeout"]
+        return cls(settings["address"] or DEFAULT_SCHEDULER, token=token, tls_ca=settings["tls_ca"],
+                   tls_cert=settings["tls_cert"], tls_key=settings["tls_key"],
+                   timeout=10.0 if timeout is None else timeout, expect_role="scheduler")
+
+    def call(self, method, *params, **kwargs):
+        try:
+            return super().call(method, *params, **kwargs)
+        except (BadRequest, NotFound) as e:  # e.g. "unknown method workers", "job not found"
+            if self.expect_role == "scheduler" and method != "info" and self._is_a_worker():
+                raise type(e)("%s is a jobsched worker, not the scheduler" % self.address) from None
+            raise
+        except Unreachable as e:
+            if self._tls_context is None and isinstance(e.__context__, _TLS_PORT_SYMPTOMS) \
+                    and _speaks_tls(self.address, self.timeout):
+                raise _PlainHTTPToTLS("%s speaks TLS: use https://%s or --tls-ca"
+                                      % (self.address, self.address)) from None
+            raise
+
+    def _is_a_worker(self):
+        try:
+            info = super().call("info")
+        except JobschedError:
+            return False
+        return isinstance(info, dict) and "worker_id" in info and info.get("role") != "scheduler"
 
     # Scheduler and worker share start, stop, query, output and jobs.
     def start(self, *args):
@@ -1991,17 +2142,27 @@ def _env(name, default=None):
     return os.environ.get(name) or default
 
 
-def _positive(kind):
-    """An argparse type: a number of this kind above zero."""
+def _positive(kind, zero=False):
+    """An argparse type: a number of this kind above zero (or zero too)."""
     def convert(text):
         try:
             value = kind(text)
         except ValueError:
-            value = 0
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError("%r is not a positive %s" % (text, kind.__name__))
+            value = -1
+        if not (value >= 0 if zero else value > 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError("%r is not a %s %s" % (
+                text, "non-negative" if zero else "positive", kind.__name__))
         return value
     return convert
+
+
+def _job_timeout(text):
+    """An argparse type: a job timeout the workers accept."""
+    seconds = _positive(float)(text)
+    if not 0.001 <= seconds <= MAX_JOB_TIMEOUT:
+        raise argparse.ArgumentTypeError("%r is not between 0.001 and %d seconds"
+                                         % (text, MAX_JOB_TIMEOUT))
+    return seconds
 
 
 def _security_from_args(args):
@@ -2011,7 +2172,63 @@ def _security_from_args(args):
 
 
 def _client_from_args(args):
-    return Client(args.scheduler, security=_security_from_args(args), timeout=args.rpc_timeout)
+    return Client.from_env(address=args.scheduler, token_file=args.token_file,
+                           tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           timeout=args.rpc_timeout)
+
+
+def _say(text):
+    """A client command's message: one line on stderr."""
+    print("jobsched: " + text, file=sys.stderr, flush=True)
+
+
+def _stdout_closed():
+    """stdout's reader has gone: point fd 1 at /dev/null, so that what is still buffered goes
+    nowhere at exit instead of failing again ("Exception ignored ..."). Returns 141, as SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
+def _is_uuid(text):
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+def _offline_workers(workers):
+    return [w for w in workers if not w["online"]]
+
+
+def _resolve(client, text, kind, listing=None):
+    """The whole id of the job or worker (kind) that text names: text itself if it is a whole
+    UUID (no call made), else the one listed id equal to it or starting with it (a prefix of 8
+    characters or more). ``listing`` spares the call to jobs() or workers()."""
+    if not text:
+        raise ConfigError("the %s id must not be empty" % kind)
+    if _is_uuid(text):
+        return text
+    if listing is None:
+        listing = client.jobs() if kind == "job" else client.workers()
+    ids = sorted({item[kind + "_id"] for item in listing})
+    if text in ids:
+        return text
+    if len(text) < 8:
+        raise ConfigError("%s id %s: give the whole id or a unique prefix of at least 8 "
+                          "characters" % (kind, _short(text)))
+    matches = [i for i in ids if i.startswith(text)]
+    if len(matches) > 1:
+        raise ConfigError("%s id prefix %s is ambiguous: it matches %s%s" % (
+            kind, text, ", ".join(matches[:10]),
+            " and %d more" % (len(matches) - 10) if len(matches) > 10 else ""))
+    if matches:
+        return matches[0]
+    unsearched = len(_offline_workers(client.workers())) if kind == "job" else 0
+    raise NotFound("%s not found: %s%s" % (kind, _short(text), (
+        " (the jobs of %d offline worker(s) could not be searched)" % unsearched
+        if unsearched else "")))
 
 
 def _configure_logging(level):
@@ -2020,7 +2237,8 @@ def _configure_logging(level):
 
 
 def _serve_until_signal(role, banner):
-    """Serve until SIGINT or SIGTERM; a second signal exits at once."""
+    """Serve until SIGINT or SIGTERM (0), or until the role cannot go on (2: a worker whose token
+    the scheduler refuses); a second signal exits at once."""
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -2031,10 +2249,15 @@ def _serve_until_signal(role, banner):
     signal.signal(signal.SIGTERM, on_signal)
     role.start_serving()
     print(banner % role.address, flush=True)
-    while not stop.wait(0.5):
-        pass
-    log.info("signal received, shutting down")
+    while not stop.wait(0.1):
+        if role.fatal_error is not None:
+            break
+    else:
+        log.info("signal received, shutting down")
     role.close()
+    if role.fatal_error is not None:
+        print("jobsched: error: %s" % role.fatal_error, file=sys.stderr)
+        return 2
     return 0
 
 
@@ -2074,7 +2297,8 @@ def _start_options(args):
 def _start_from_args(client, args):
     if not args.command:
         raise ConfigError("no command given: jobsched %s [options] -- COMMAND [ARG...]" % args.cmd)
-    return client.start(args.worker, args.command[0], args.path, _start_options(args))
+    worker_id = _resolve(client, args.worker, "worker") if args.worker else ""
+    return client.start(worker_id, args.command[0], args.path, _start_options(args))
 
 
 def cmd_start(args):
@@ -2082,17 +2306,59 @@ def cmd_start(args):
     return 0
 
 
-def _write_output(client, job_id, position, follow):
-    """Copy a job's output to stdout from position["offset"], keeping it up to date (so a Ctrl-C
-    loses no place); follow until the job ends if asked."""
-    out = sys.stdout.buffer
-    while True:
-        reply = client.output(job_id, position["offset"], MAX_OUTPUT_CHUNK, 10 if follow else 0)
-        out.write(reply["data"])
-        out.flush()
-        position["offset"] = reply["offset"]
-        if reply["eof"] or (not follow and not reply["data"]):
-            return
+class _LostTrack(Exception):
+    """run or logs -f gave up on the scheduler; the job goes on without them."""
+
+
+class _Follower:
+    """Follows one job for run and logs -f. copy() writes its output to stdout from ``offset``,
+    always the next byte to write, so that none is lost or written twice. call() makes a call
+    about the job and rides out a lost scheduler or worker: a call that failed for a reason
+    that may pass (unreachable, restarted, worker offline) is retried with backoff for up to
+    ``patience`` seconds of failures in a row, then raises _LostTrack; patience None: no retry."""
+
+    def __init__(self, client, job_id, offset=0, patience=None, quiet=False, known=False):
+        self.client, self.job_id, self.offset = client, job_id, offset
+        self.patience, self.quiet = patience, quiet
+        self.known = known  # seen to exist: "not found" is then a scheduler that just restarted
+
+    def call(self, func, *args):
+        deadline, delay = None, 0.1
+        while True:
+            try:
+                result = func(*args)
+            except (Unavailable, NotFound) as e:  # Unreachable is an Unavailable
+                if self.patience is None or isinstance(e, (Unauthorized, _PlainHTTPToTLS)) or (
+                        isinstance(e, NotFound) and not self.known):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.patience
+                    if not self.quiet:
+                        _say("%s; retrying for up to %g s" % (e, self.patience))
+                if now >= deadline:
+                    raise _LostTrack(str(e)) from None
+                time.sleep(min(delay, deadline - now))
+                delay = min(2.0, delay * 2)
+                continue
+            if deadline is not None and not self.quiet:
+                _say("reconnected")
+            self.known = True
+            return result
+
+    def copy(self, follow=True):
+        out = sys.stdout.buffer
+        while True:
+            reply = self.call(self.client.output, self.job_id, self.offset, MAX_OUTPUT_CHUNK,
+                              10 if follow else 0)
+            out.write(reply["data"])
+            out.flush()
+            self.offset = reply["offset"]
+            if reply["eof"] or (not follow and not reply["data"]):
+                return
+
+    def resume_hint(self):
+        return "the job goes on: jobsched.py logs -f --offset %d %s" % (self.offset, self.job_id)
 
 
 def job_exit_status(job):
@@ -2104,26 +2370,139 @@ def job_exit_status(job):
     return 1
 
 
+def _outcome(job):
+    """How a job ended, in words: 'succeeded', 'failed (exit status 3)', 'lost: ...'."""
+    state, text = job["state"], job.get("error_text") or ""
+    if not text or text.startswith(state):
+        return text or state
+    return "%s (%s)" % (state, text)
+
+
+class _Signalled(BaseException):
+    """Raised by run's SIGTERM and SIGHUP handler, as SIGINT raises KeyboardInterrupt: a handler
+    that only set a flag would leave run blocked in a long-poll."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum, frame):
+    raise _Signalled(signum)
+
+
+def _place_job(client, args):
+    """Start the job the command line describes; returns its id."""
+    return _start_from_args(client, args)
+
+
+def _announce(client, job_id):
+    """Say where the job runs, so that it can always be found again."""
+    try:
+        worker_id = client.query(job_id)["worker_id"]
+        hostnames = {w["worker_id"]: w.get("hostname") for w in client.workers()}
+    except JobschedError:
+        _say("job %s" % job_id)
+        return
+    _say("job %s on %s (%s)" % (job_id, worker_id, hostnames.get(worker_id) or "unknown host"))
+
+
 def cmd_run(args):
     client = _client_from_args(args)
-    job_id = _start_from_args(client, args)
-    position, interrupted = {"offset": 0}, False
+    try:
+        job_id = _place_job(client, args)
+    except (Unauthorized, _PlainHTTPToTLS):
+        raise
+    except Unreachable as e:  # the start may have reached the scheduler: the outcome is unknown
+        _say("error: %s" % e)
+        return 255
+    handlers = {signum: signal.signal(signum, _raise_signalled)
+                for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run_to_the_end(client, job_id, args)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _run_to_the_end(client, job_id, args):
+    """run once the job is placed: follow it until it ends; returns run's exit status."""
+    follower = _Follower(client, job_id, patience=args.reconnect, quiet=args.quiet, known=True)
+    stop_asked = None  # what asked run to stop the job: "interrupt", "pipe" or a signal number
+    announced = stopped = pipe_closed = False
     while True:
         try:
-            _write_output(client, job_id, position, follow=True)
+            if not announced:
+                announced = True
+                if not args.quiet:
+                    _announce(client, job_id)
+            if stop_asked is not None and not stopped:
+                follower.call(client.stop, job_id)
+                stopped = True
+            if not pipe_closed:
+                follower.copy(follow=True)
+            job = follower.call(client.query, job_id)
             break
         except KeyboardInterrupt:
-            if interrupted:
+            if stop_asked is not None:
                 raise
-            interrupted = True
-            print("jobsched: stopping job %s" % job_id, file=sys.stderr)
-            client.stop(job_id)
-    return job_exit_status(client.query(job_id))
+            stop_asked = "interrupt"
+            _say("stopping job %s" % job_id)
+        except _Signalled as e:
+            if stop_asked is not None:
+                return 128 + e.signum
+            stop_asked = e.signum
+            _say("stopping job %s" % job_id)
+        except BrokenPipeError:
+            pipe_closed = True
+            _stdout_closed()
+            if stop_asked is None:
+                stop_asked = "pipe"
+        except _LostTrack:
+            _say("lost the scheduler; " + follower.resume_hint())
+            return 255
+        except JobschedError as e:
+            _say("error: %s; %s" % (e, follower.resume_hint()))
+            return 255
+    if job["state"] == "timeout":
+        _say("job %s timed out after %s s" % (job_id, "%g" % args.timeout if args.timeout else "?"))
+    elif job["state"] not in ("succeeded", "failed"):
+        _say("job %s %s" % (job_id, _outcome(job)))
+    if isinstance(stop_asked, int):
+        return 128 + stop_asked
+    return _stdout_closed() if pipe_closed else job_exit_status(job)
 
 
 def cmd_stop(args):
-    _client_from_args(args).stop(args.job_id)
+    client = _client_from_args(args)
+    job_id = _resolve(client, args.job_id, "job")
+    job = client.query(job_id)
+    if not job["done"]:
+        client.stop(job_id)
+        job = client.query(job_id)
+        if job["state"] == "stopped":
+            print("%s %s" % (job_id, _outcome(job)))
+            return 0
+    print("%s had already ended: %s" % (job_id, _outcome(job)))
     return 0
+
+
+_TIME_FIELDS = ("started_at", "finished_at", "last_seen", "submitted_at")
+
+
+def _local_time(seconds):
+    return datetime.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="milliseconds")
+
+
+def _text_value(key, value):
+    """A struct's value as query prints it: times in local ISO 8601, plain strings as they are,
+    anything else (and a string that would read ambiguously) as JSON."""
+    if key in _TIME_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _local_time(value)
+    if isinstance(value, str) and value and value == value.strip() \
+            and json.dumps(value, ensure_ascii=False)[1:-1] == value:
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 def _print_struct(struct, as_json):
@@ -2131,18 +2510,26 @@ def _print_struct(struct, as_json):
         print(json.dumps(struct, indent=2, sort_keys=True))
         return
     for key in sorted(struct):
-        print("%s: %s" % (key, struct[key]))
+        print("%s: %s" % (key, _text_value(key, struct[key])))
 
 
 def cmd_query(args):
-    _print_struct(_client_from_args(args).query(args.job_id), args.json)
+    client = _client_from_args(args)
+    _print_struct(client.query(_resolve(client, args.job_id, "job")), args.json)
     return 0
 
 
 def cmd_logs(args):
     if args.offset < 0:
         raise ConfigError("--offset must be >= 0")
-    _write_output(_client_from_args(args), args.job_id, {"offset": args.offset}, args.follow)
+    client = _client_from_args(args)
+    follower = _Follower(client, _resolve(client, args.job_id, "job"), args.offset,
+                         patience=args.reconnect if args.follow else None)
+    try:
+        follower.copy(follow=args.follow)
+    except _LostTrack:
+        _say("lost the scheduler; " + follower.resume_hint())
+        return 255
     return 0
 
 
@@ -2158,13 +2545,30 @@ def _print_table(rows, columns, as_json, key):
 
 
 def cmd_jobs(args):
-    _print_table(_client_from_args(args).jobs(), [
+    client = _client_from_args(args)
+    jobs, workers = client.jobs(), client.workers()
+    offline = _offline_workers(workers)
+    if args.worker:
+        worker_id = _resolve(client, args.worker, "worker", workers)
+        jobs = [j for j in jobs if j["worker_id"] == worker_id]
+        offline = [w for w in offline if w["worker_id"] == worker_id]
+    if args.state:
+        jobs = [j for j in jobs if j["state"] in args.state]
+    jobs.sort(key=lambda j: j.get("started_at", 0))
+    if args.limit:
+        jobs = jobs[-args.limit:]
+    _print_table(jobs, [
         ("job_id", lambda j: j["job_id"]), ("worker_id", lambda j: j["worker_id"][:8]),
         ("state", lambda j: j["state"]),
         ("exit", lambda j: j["exit_code"] if "exit_code" in j else
          "signal %d" % j["signal"] if "signal" in j else "-"),
+        ("started", lambda j: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["started_at"]))
+         if "started_at" in j else "-"),
         ("command", lambda j: " ".join([j["command"]] + ([j["path"]] if j["path"] else []) + j["args"])),
     ], args.json, "jobs")
+    if offline:
+        _say("the jobs of %d offline worker%s are not listed"
+             % (len(offline), "" if len(offline) == 1 else "s"))
     return 0
 
 
@@ -2287,27 +2691,47 @@ def build_parser():
     sub.add_argument("--jobs-dir", metavar="DIR",
                      help="resolve 'path' inside DIR and refuse anything that escapes it")
 
+    id_help = "%s id, or a unique prefix of 8 characters or more"
+
     def job_options(sub):
-        sub.add_argument("--worker", metavar="ID", default="", help="worker to run on (default: the one with most free slots)")
+        sub.add_argument("--worker", metavar="ID", default="",
+                         help="worker to run on, or a unique prefix of its id "
+                              "(default: the one with most free slots)")
         sub.add_argument("--path", default="", help="script path passed after COMMAND (default: none)")
         sub.add_argument("--cwd", metavar="DIR", help="working directory of the job")
         sub.add_argument("--env", metavar="K=V", action="append", default=[], help="add to the job's environment (repeatable)")
-        sub.add_argument("--timeout", metavar="SECONDS", type=_positive(float), help="stop the job after this long")
+        sub.add_argument("--timeout", metavar="SECONDS", type=_job_timeout,
+                         help="stop the job after this long (at most %d)" % MAX_JOB_TIMEOUT)
         sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
+    def reconnect_option(sub):
+        sub.add_argument("--reconnect", metavar="SECONDS", type=_positive(float, zero=True),
+                         default=60.0, help="keep retrying a lost scheduler this long, then exit "
+                                            "255 saying how to resume (default: %(default)s)")
+
     job_options(command("start", "start a job and print its id", cmd_start))
-    job_options(command("run", "start a job, stream its output, exit with its exit code", cmd_run))
+    sub = command("run", "start a job, stream its output, exit with its exit code", cmd_run)
+    job_options(sub)
+    reconnect_option(sub)
+    sub.add_argument("-q", "--quiet", action="store_true",
+                     help="do not say on stderr which job runs where, or reconnecting")
     sub = command("stop", "stop a job (TERM, then KILL after the grace period)", cmd_stop)
-    sub.add_argument("job_id")
+    sub.add_argument("job_id", help=id_help % "job")
     sub = command("query", "show a job's state", cmd_query)
-    sub.add_argument("job_id")
+    sub.add_argument("job_id", help=id_help % "job")
     sub.add_argument("--json", action="store_true", help="print the job struct as JSON")
     sub = command("logs", "write a job's output to stdout", cmd_logs)
-    sub.add_argument("job_id")
+    sub.add_argument("job_id", help=id_help % "job")
     sub.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     sub.add_argument("--offset", type=int, default=0, help="start at this byte (default: %(default)s)")
+    reconnect_option(sub)
     sub = command("jobs", "list the jobs of every online worker", cmd_jobs)
     sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_argument("--state", metavar="STATE", action="append", default=[],
+                     help="only jobs in this state (repeatable)")
+    sub.add_argument("--worker", metavar="ID", help="only the jobs of this worker (%s)" % (id_help % "its"))
+    sub.add_argument("--limit", metavar="N", type=_positive(int),
+                     help="only the N most recently started")
     sub = command("workers", "list the workers", cmd_workers)
     sub.add_argument("--json", action="store_true", help="print JSON")
     command("demo", "start a scheduler and two workers on loopback, run jobs, clean up", cmd_demo, ())
@@ -2335,7 +2759,7 @@ def main(argv=None):
         print("jobsched: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return 1
+        return _stdout_closed()
 
 
 if __name__ == "__main__":

@@ -367,7 +367,8 @@ class ResilienceTest(ClusterTestCase):
         for error in (fault_of(client.query, running), fault_of(client.stop, running),
                       fault_of(self.output_of, client, running)):
             self.assertIs(type(error), jobsched.Unavailable)  # fault 3, not our own timeout
-            self.assertIn("worker offline", str(error))
+            self.assertRegex(str(error), r"^job %s: worker %s \(%s, last seen \d+ s ago\) is offline$"
+                             % (running, worker_id, re.escape(address)))
         self.assertTrue(pid_alive(leader) and pid_alive(grandchild), "orphans outlive the worker")
 
         _, new_address, same_id = self.spawn_worker(scheduler, state_dir)
@@ -1043,7 +1044,7 @@ class SchedulerTest(ClusterTestCase):
     def test_no_worker_fault_3(self):
         scheduler = self.scheduler()
         self.assertEqual(raw_fault(scheduler.address, "start", "", "true", ""),
-                         (3, "no worker has a free slot"))
+                         (3, "no worker is online (0 registered, 0 online)"))
 
     def test_register_keeps_worker_id_and_deregister(self):
         scheduler = self.scheduler()
@@ -1060,7 +1061,10 @@ class SchedulerTest(ClusterTestCase):
         self.assertIs(listed[fresh]["online"], False)
         job_id = c.start("", "sh", "", sh_args("true"))
         self.assertEqual(self.wait_done(c, job_id)["worker_id"], w.worker_id)
-        self.assertEqual(raw_fault(scheduler.address, "start", fresh, "true", ""), (3, "worker offline"))
+        code, message = raw_fault(scheduler.address, "start", fresh, "true", "")
+        self.assertEqual(code, 3)
+        self.assertRegex(message, r"^worker %s \(%s, last seen \d+ s ago\) is offline$"
+                         % (fresh, re.escape(w.address)))
 
     def test_deregistered_worker_listed_offline_and_its_jobs_fault_3(self):
         scheduler, (w,), c = self.cluster(1)
@@ -1070,12 +1074,16 @@ class SchedulerTest(ClusterTestCase):
         (listed,) = c.workers()
         self.assertEqual((listed["worker_id"], listed["online"]), (w.worker_id, False))
         a = scheduler.address
+        offline = r"worker %s \(%s, last seen \d+ s ago\) is offline$" % (w.worker_id,
+                                                                        re.escape(w.address))
         for method, params in [("query", (job_id,)), ("stop", (job_id,)), ("output", (job_id, 0, 10)),
                                ("query", (w.worker_id, job_id)), ("start", (w.worker_id, "true", ""))]:
             with self.subTest(method=method):
-                self.assertEqual(raw_fault(a, method, *params), (3, "worker offline"))
+                code, message = raw_fault(a, method, *params)
+                self.assertEqual(code, 3)
+                self.assertRegex(message, ("^" if method == "start" else "^job %s: " % job_id) + offline)
         code, message = raw_fault(a, "start", "", "true", "")
-        self.assertEqual((code, message), (3, "no worker has a free slot"))
+        self.assertEqual((code, message), (3, "no worker is online (1 registered, 0 online)"))
 
     # Placement: workers heartbeat rarely, so the scheduler's view of slots changes only by its
     # own placements (and the heartbeats the test sends), never by a stale beat racing a start.
@@ -1090,7 +1098,7 @@ class SchedulerTest(ClusterTestCase):
         self.assertEqual(placed[:2], [big.worker_id, big.worker_id])
         self.assertEqual(sorted(placed[2:]), sorted([big.worker_id, small.worker_id]))
         code, message = raw_fault(scheduler.address, "start", "", "sleep", "", {"args": ["300"]})
-        self.assertEqual((code, message), (3, "no worker has a free slot"))
+        self.assertEqual((code, message), (3, "no worker has a free slot (2 online, all 4 slots busy)"))
         self.assertEqual(raw_fault(scheduler.address, "start", small.worker_id, "true", "")[0], 3)
 
     def test_placement_ties_round_robin(self):
@@ -1119,7 +1127,7 @@ class SchedulerTest(ClusterTestCase):
         job_id = c.start("", "sleep", "", {"args": ["300"]})
         self.assertEqual(c.query(job_id)["worker_id"], other.worker_id)
         code, message = raw_fault(scheduler.address, "start", "", "true", "")
-        self.assertEqual((code, message), (3, "no worker has a free slot"))
+        self.assertEqual((code, message), (3, "no worker has a free slot (2 online, all 3 slots busy)"))
 
 
 class JsonApiTest(ClusterTestCase):
@@ -1191,7 +1199,7 @@ class JsonApiTest(ClusterTestCase):
     def test_no_worker_is_503(self):
         scheduler = self.scheduler()
         status, reply = http_call(scheduler.address, "POST", "/start", {"worker_id": "", "command": "true", "path": ""})
-        self.assertEqual((status, reply), (503, {"error": "no worker has a free slot"}))
+        self.assertEqual((status, reply), (503, {"error": "no worker is online (0 registered, 0 online)"}))
 
 
 class WebPage(http.server.BaseHTTPRequestHandler):
@@ -1335,7 +1343,8 @@ class CommandLineTest(ClusterTestCase):
         self.assertEqual((listed["worker_id"], listed["online"]), (self.w.worker_id, True))
         self.assertIn(self.w.worker_id, out[calls[5]])
         result = self.run_cli("stop", job_id)
-        self.assertEqual((result.returncode, result.stdout), (0, b""), result.stderr)
+        self.assertEqual((result.returncode, result.stdout),
+                         (0, b"%s stopped (signal: terminated)\n" % job_id.encode()), result.stderr)
         self.assertEqual(self.c.query(job_id)["state"], "stopped")
 
     def test_help_of_every_command(self):
@@ -2018,7 +2027,7 @@ class HTTPTest(ClusterTestCase):
             response = http.client.HTTPResponse(sock)
             response.begin()
             self.assertEqual((response.status, json.loads(response.read().decode())),
-                             (503, {"error": "no worker has a free slot"}))
+                             (503, {"error": "no worker is online (0 registered, 0 online)"}))
 
     def test_bad_header_lines_are_400_and_the_server_goes_on(self):
         scheduler = self.scheduler()
@@ -2286,6 +2295,502 @@ class HostileInputTest(ClusterTestCase):
         self.assertEqual((job["state"], job["exit_code"]), ("succeeded", 0))
         self.assertEqual(client.output(job_id)["data"], b"after fuzz\n")
         self.assertEqual(self.client(worker).info()["worker_id"], worker.worker_id)
+
+
+# A job that writes `first` lines, then "waiting", waits for a gate file, then writes `second`
+# lines and exits 7: what a follower must copy whole and in order across a lost scheduler.
+GATED_WRITER = (
+    "import os, sys, time\n"
+    "gate, first, second = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+    "for i in range(first):\n"
+    "    sys.stdout.write('before %d\\n' % i)\n"
+    "sys.stdout.write('waiting\\n')\n"
+    "sys.stdout.flush()\n"
+    "while not os.path.exists(gate):\n"
+    "    time.sleep(0.02)\n"
+    "for i in range(second):\n"
+    "    sys.stdout.write('after %d\\n' % i)\n"
+    "sys.stdout.flush()\n"
+    "sys.exit(7)\n")
+
+
+def gated_output(first, second):
+    return ("".join("before %d\n" % i for i in range(first)) + "waiting\n"
+            + "".join("after %d\n" % i for i in range(second))).encode()
+
+
+def cli_env(**extra):
+    """The environment of a CLI process: ours without any jobsched setting, plus extra."""
+    return example_env(**extra)
+
+
+class FollowAcrossRestartTest(ClusterTestCase):
+    """run and logs -f as a user runs them while the scheduler is killed (-9) and restarted on
+    the same port, or never comes back; run's answer to SIGTERM, SIGHUP and a closed stdout."""
+
+    def setUp(self):
+        self.sched_proc, self.address = self.spawn("scheduler", "--listen", "127.0.0.1:0")
+        self.w = self.worker(self.address)
+        self.c = self.client(self.address)
+        wait_until(lambda: [x["online"] for x in self.c.workers()] == [True],
+                   message="the worker to register")
+        self.env = cli_env(JOBSCHED_SCHEDULER=self.address)
+
+    def kill_scheduler(self):
+        self.sched_proc.kill()
+        self.sched_proc.wait(timeout=10)
+
+    def restart_scheduler(self):
+        self.sched_proc, _ = self.spawn("scheduler", "--listen", self.address)
+
+    def gated_job_argv(self, first=200, second=20000):
+        gate = os.path.join(self.tempdir(), "gate")
+        return gate, [sys.executable, "-c", GATED_WRITER, gate, str(first), str(second)]
+
+    def job_of(self, marker):
+        return [j for j in self.c.jobs() if marker in j["args"]]
+
+    def test_logs_follow_survives_a_scheduler_restart(self):
+        gate, argv = self.gated_job_argv()
+        job_id = self.c.start("", argv[0], "", {"args": argv[1:]})
+        self.addCleanup(lambda: fault_of(self.client(self.w).stop, job_id))
+        proc = popen_jobsched(self, ["logs", "-f", job_id], env=self.env)
+        seen = read_until(proc, b"waiting\n")
+        self.kill_scheduler()
+        self.restart_scheduler()  # knows no worker and no job until the worker registers again
+        open(gate, "w").close()
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertEqual(seen + out, gated_output(200, 20000))  # nothing lost, nothing twice
+        self.assertIn(b"retrying for up to 60 s", err)
+        self.assertNotIn(b"Traceback", err)
+
+    def test_run_survives_a_scheduler_restart_and_exits_with_the_jobs_status(self):
+        gate, argv = self.gated_job_argv()
+        proc = popen_jobsched(self, ["run", "--"] + argv, env=self.env)
+        seen = read_until(proc, b"waiting\n")
+        self.kill_scheduler()
+        self.restart_scheduler()
+        open(gate, "w").close()
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 7, err)
+        self.assertEqual(seen + out, gated_output(200, 20000))
+        (job,) = self.job_of(gate)
+        self.assertIn(("jobsched: job %s on %s (%s)\n" % (job["job_id"], self.w.worker_id,
+                                                          socket.gethostname())).encode(), err)
+        self.assertNotIn(b"Traceback", err)
+
+    def test_run_gives_up_after_reconnect_seconds_and_says_how_to_resume(self):
+        gate, argv = self.gated_job_argv(first=50, second=10)
+        proc = popen_jobsched(self, ["run", "--reconnect", "0.5", "--"] + argv, env=self.env)
+        seen = read_until(proc, b"waiting\n")
+        (job,) = self.job_of(gate)
+        self.addCleanup(lambda: fault_of(self.client(self.w).stop, job["job_id"]))
+        self.kill_scheduler()
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 255, err)
+        offset = len(seen + out)
+        self.assertEqual(seen + out, gated_output(50, 0))
+        last = err.decode().strip().splitlines()[-1]
+        self.assertEqual(last, "jobsched: lost the scheduler; the job goes on: "
+                               "jobsched.py logs -f --offset %d %s" % (offset, job["job_id"]))
+        self.assertEqual(self.client(self.w).query(job["job_id"])["state"], "running")
+        # ... and the command it gives picks up at that byte once a scheduler is back
+        self.restart_scheduler()
+        wait_until(lambda: fault_of(self.c.workers) is None and self.c.workers(),
+                   message="the worker to register with the new scheduler")
+        open(gate, "w").close()
+        rest = self.cli("logs", "-f", "--offset", str(offset), job["job_id"], env=self.env)
+        self.assertEqual(rest.returncode, 0, rest.stderr)
+        self.assertEqual(seen + out + rest.stdout, gated_output(50, 10))
+
+    def test_logs_follow_gives_up_with_255(self):
+        job_id = self.c.start("", "sleep", "", {"args": ["300"]})
+        self.addCleanup(lambda: fault_of(self.client(self.w).stop, job_id))
+        proc = popen_jobsched(self, ["logs", "-f", "--reconnect", "0", job_id], env=self.env)
+        self.kill_scheduler()
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual((proc.returncode, out), (255, b""), err)
+        self.assertTrue(err.decode().endswith(
+            "jobsched: lost the scheduler; the job goes on: jobsched.py logs -f --offset 0 %s\n"
+            % job_id), err)
+
+    def test_sigterm_and_sighup_stop_the_job(self):
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            with self.subTest(signal=signum):
+                marker = uuid.uuid4().hex
+                proc = popen_jobsched(self, ["run", "--", "sh", "-c", "echo started; exec sleep 300",
+                                             marker], env=self.env)
+                read_until(proc, b"started\n")
+                (job,) = self.job_of(marker)
+                proc.send_signal(signum)
+                out, err = proc.communicate(timeout=30)
+                self.assertEqual(proc.returncode, 128 + signum, err)
+                self.assertEqual(self.c.query(job["job_id"])["state"], "stopped")
+                self.assertIn(("jobsched: job %s stopped (signal: terminated)\n"
+                               % job["job_id"]).encode(), err)
+                self.assertNotIn(b"Traceback", err)
+
+    def test_run_into_a_closed_pipe_stops_the_job_and_exits_141(self):
+        marker = uuid.uuid4().hex
+        status_file = os.path.join(self.tempdir(), "status")
+        script = '{ "$@"; echo $? >"$STATUS"; } | head -n 2'
+        done = subprocess.run(
+            ["sh", "-c", script, "sh", sys.executable, JOBSCHED, "run", "--", "sh", "-c",
+             'i=0; while :; do echo "line $i"; i=$((i + 1)); sleep 0.02; done', marker],
+            env=dict(self.env, STATUS=status_file), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(done.stdout, b"line 0\nline 1\n")
+        with open(status_file) as f:
+            self.assertEqual(f.read().strip(), "141", done.stderr)
+        (job,) = self.job_of(marker)
+        self.assertEqual(job["state"], "stopped")
+        self.assertNotIn(b"Traceback", done.stderr)
+        self.assertNotIn(b"Exception ignored", done.stderr)
+        self.assertIn(b"stopped (signal: terminated)", done.stderr)
+
+    def test_logs_into_a_closed_pipe_exits_141_quietly(self):
+        job_id = self.c.start("", sys.executable, "", py_args(
+            "import sys; sys.stdout.write('x' * 3000000)"))
+        self.wait_done(self.c, job_id)
+        status_file = os.path.join(self.tempdir(), "status")
+        done = subprocess.run(["sh", "-c", '{ "$@"; echo $? >"$STATUS"; } | head -c 10 >/dev/null',
+                               "sh", sys.executable, JOBSCHED, "logs", job_id],
+                              env=dict(self.env, STATUS=status_file), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(done.stderr, b"")
+        with open(status_file) as f:
+            self.assertEqual(f.read().strip(), "141")
+
+
+class ClientMessagesTest(ClusterTestCase):
+    """Each error a client command can meet says what happened and what to do, in one line."""
+
+    def cli_error(self, *args, status=1, env=None):
+        """Run the CLI; check its exit status and that stderr is one line; return that line."""
+        done = self.cli(*args, env=env)
+        err = done.stderr.decode()
+        self.assertEqual(done.returncode, status, (args, err))
+        self.assertEqual(len(err.strip().splitlines()), 1, (args, err))
+        self.assertNotIn("Traceback", err)
+        return err.strip()
+
+    def test_offline_worker_named_with_its_address_and_last_sighting(self):
+        scheduler, (w,), c = self.cluster(1)
+        job_id = c.start("", "sleep", "", {"args": ["300"]})
+        w.close()
+        offline = r"worker %s \(%s, last seen \d+ s ago\) is offline$" % (w.worker_id,
+                                                                        re.escape(w.address))
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        self.assertRegex(self.cli_error("start", "--worker", w.worker_id, "--", "true", env=env),
+                         "^jobsched: error: " + offline)
+        for command in ("query", "stop", "logs"):
+            self.assertRegex(self.cli_error(command, job_id, env=env),
+                             "^jobsched: error: job %s: %s" % (job_id, offline))
+
+    def test_no_worker_online_and_no_free_slot(self):
+        scheduler = self.scheduler()
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        self.assertEqual(self.cli_error("run", "--", "true", env=env),
+                         "jobsched: error: no worker is online (0 registered, 0 online)")
+        w = self.worker(scheduler, slots=1, heartbeat=30)
+        c = self.client(scheduler)
+        wait_until(lambda: c.workers(), message="the worker to register")
+        c.start("", "sleep", "", {"args": ["300"]})
+        self.assertEqual(self.cli_error("start", "--", "true", env=env),
+                         "jobsched: error: no worker has a free slot (1 online, all 1 slots busy)")
+        w.close()
+        self.assertEqual(self.cli_error("start", "--", "true", env=env),
+                         "jobsched: error: no worker is online (1 registered, 0 online)")
+
+    def test_a_start_every_worker_refused_gives_the_last_reason(self):
+        scheduler, (w,), c = self.cluster(1)
+        os.rename(w.state_dir, w.state_dir + ".gone")
+        self.addCleanup(os.rename, w.state_dir + ".gone", w.state_dir)
+        message = self.cli_error("run", "--", "true", env=cli_env(JOBSCHED_SCHEDULER=scheduler.address))
+        self.assertEqual(message, "jobsched: error: worker %s refused the job: cannot write job "
+                                  "output in %s: No such file or directory" % (w.worker_id, w.state_dir))
+
+    def test_a_worker_address_is_not_the_scheduler(self):
+        w = self.worker(None)
+        expected = "jobsched: error: %s is a jobsched worker, not the scheduler" % w.address
+        for args in (["workers"], ["jobs"], ["query", str(uuid.uuid4())], ["run", "--", "true"],
+                     ["start", "--", "true"]):
+            self.assertEqual(self.cli_error(*args, env=cli_env(JOBSCHED_SCHEDULER=w.address)),
+                             expected, args)
+        self.assertEqual(self.client(w).jobs(), [])  # nothing was started on it
+
+    def test_plain_http_to_a_tls_port_says_use_https(self):
+        if shutil.which("openssl") is None:
+            self.skipTest("the openssl command is not installed")
+        a, _ = make_certificates(self.tempdir())
+        files = {"tls_cert": os.path.join(a, "scheduler.pem"),
+                 "tls_key": os.path.join(a, "scheduler.key")}
+        for ca in (None, os.path.join(a, "ca.pem")):  # TLS, then mutual TLS
+            scheduler = self.scheduler(tls_ca=ca, **files)
+            address = scheduler.address
+            self.assertEqual(self.cli_error("workers", "--scheduler", address),
+                             "jobsched: error: %s speaks TLS: use https://%s or --tls-ca"
+                             % (address, address))
+            with self.assertRaises(jobsched.Unreachable) as caught:
+                self.client(address).info()
+            self.assertIn("speaks TLS", str(caught.exception))
+        done = self.cli("workers", "--scheduler", "https://" + scheduler.address,
+                        "--tls-ca", os.path.join(a, "ca.pem"),
+                        "--tls-cert", os.path.join(a, "client.pem"),
+                        "--tls-key", os.path.join(a, "client.key"))
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+    def test_a_refused_token_names_the_token_file_option_and_variable(self):
+        scheduler = self.scheduler(token=TOKEN)
+        message = self.cli_error("workers", env=cli_env(JOBSCHED_SCHEDULER=scheduler.address,
+                                                        JOBSCHED_TOKEN="wrong-token"))
+        self.assertIn("HTTP 401", message)
+        self.assertIn("--token-file", message)
+        self.assertIn("JOBSCHED_TOKEN_FILE", message)
+        self.assertNotIn("wrong-token", message)
+
+    def test_a_worker_whose_token_is_refused_exits_2(self):
+        scheduler = self.scheduler(token=TOKEN)
+        proc = popen_jobsched(self, worker_args(scheduler.address, self.tempdir()),
+                              env=cli_env(JOBSCHED_TOKEN="not-the-token"))
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 2, err)
+        self.assertIn(b"listening on", out)
+        last = err.decode().strip().splitlines()[-1]
+        self.assertEqual(last, "jobsched: error: scheduler %s refused this worker's token (HTTP "
+                               "401): give the cluster's token with --token-file FILE or "
+                               "JOBSCHED_TOKEN_FILE" % scheduler.address)
+        self.assertEqual(self.client(scheduler, token=TOKEN).workers(), [])
+
+    def test_a_command_that_cannot_start_names_worker_and_host(self):
+        scheduler, (w,), c = self.cluster(1)
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        where = "on worker %s (%s)" % (w.worker_id, socket.gethostname())
+        message = self.cli_error("run", "--", "no-such-command x", env=env)
+        self.assertTrue(message.startswith("jobsched: error: cannot start 'no-such-command x' %s: "
+                                           "No such file or directory" % where), message)
+        self.assertTrue(message.endswith(" (commands do not go through a shell: use sh -c '...')"),
+                        message)
+        message = self.cli_error("run", "--", "/no/such/command", env=env)
+        self.assertIn("cannot start '/no/such/command' %s: No such file" % where, message)
+        self.assertNotIn("sh -c", message)
+
+    def test_bad_arguments_exit_2(self):
+        scheduler, (w,), c = self.cluster(1)
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        cases = [(["start", "--timeout", "20000000", "--", "true"], "10000000"),
+                 (["run", "--timeout", "0", "--", "true"], "--timeout"),
+                 (["query", ""], "must not be empty"), (["stop", ""], "must not be empty"),
+                 (["logs", "abc"], "at least 8 characters"),
+                 (["jobs", "--scheduler", "127.0.0.1:70000"], "port out of range"),
+                 (["workers", "--scheduler", "127.0.0.1:99999999999"], "port out of range"),
+                 (["jobs", "--limit", "0"], "--limit"), (["run", "--reconnect", "-1", "--", "true"],
+                                                         "--reconnect")]
+        procs = [(args, words, popen_jobsched(self, args, env=env)) for args, words in cases]
+        for args, words, proc in procs:
+            _, err = proc.communicate(timeout=30)
+            self.assertEqual(proc.returncode, 2, (args, err))
+            self.assertIn(words, err.decode(), args)
+            self.assertNotIn(b"Traceback", err)
+        self.assertEqual(c.jobs(), [])
+
+
+class FindingJobsTest(ClusterTestCase):
+    """Prefixes of ids, the filters of jobs, query's text form, workers' RUNNING, from_env()."""
+
+    def test_job_and_worker_ids_by_unique_prefix(self):
+        scheduler, (w,), c = self.cluster(1)
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        done = self.cli("start", "--worker", w.worker_id[:8], "--", "sh", "-c", "echo by-prefix",
+                        env=env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        job_id = done.stdout.decode().strip()
+        self.assertEqual(self.wait_done(c, job_id)["worker_id"], w.worker_id)
+        for prefix in (job_id[:8], job_id[:13]):
+            done = self.cli("logs", prefix, env=env)
+            self.assertEqual((done.returncode, done.stdout), (0, b"by-prefix\n"), done.stderr)
+            done = self.cli("query", "--json", prefix, env=env)
+            self.assertEqual(json.loads(done.stdout.decode())["job_id"], job_id)
+        done = self.cli("stop", job_id[:8], env=env)
+        self.assertEqual(done.stdout.decode(), "%s had already ended: succeeded\n" % job_id)
+        # two workers whose ids share their first 8 characters: a prefix must tell them apart
+        for suffix in ("-one", "-two"):
+            c.register("127.0.0.1:9", {"worker_id": "abcdefgh" + suffix})
+        done = self.cli("start", "--worker", "abcdefgh", "--", "true", env=env)
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertIn("worker id prefix abcdefgh is ambiguous: it matches abcdefgh-one, "
+                      "abcdefgh-two", done.stderr.decode())
+        done = self.cli("start", "--worker", "abcd", "--", "true", env=env)
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertIn("at least 8 characters", done.stderr.decode())
+        done = self.cli("query", "ffffffff-no", env=env)
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn("job not found", done.stderr.decode())
+
+    def test_jobs_filters_started_column_and_offline_workers(self):
+        scheduler, (w1, w2), c = self.cluster(2)
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        ok = c.start(w1.worker_id, "true", "")
+        failed = c.start(w2.worker_id, "false", "")
+        for job_id in (ok, failed):
+            self.wait_done(c, job_id)
+        running = c.start(w1.worker_id, "sleep", "", {"args": ["300"]})
+        self.addCleanup(c.stop, running)
+
+        def listed(*args):
+            done = self.cli("jobs", *args, env=env)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            return done
+        table = listed().stdout.decode().splitlines()
+        self.assertEqual(table[0].split(), ["JOB_ID", "WORKER_ID", "STATE", "EXIT", "STARTED",
+                                            "COMMAND"])
+        started = c.query(running)["started_at"]
+        self.assertIn(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), table[-1])
+        self.assertEqual([line.split()[0] for line in table[1:]], [ok, failed, running])
+
+        def ids(*args):
+            return [j["job_id"] for j in json.loads(listed("--json", *args).stdout.decode())["jobs"]]
+        self.assertEqual(ids("--state", "failed", "--state", "running"), [failed, running])
+        self.assertEqual(ids("--worker", w1.worker_id[:8]), [ok, running])
+        self.assertEqual(ids("--limit", "2"), [failed, running])
+        self.assertEqual(ids("--worker", w2.worker_id, "--state", "succeeded"), [])
+        self.assertEqual(listed().stderr, b"")
+        w2.close()
+        done = listed("--json")
+        self.assertEqual(done.stderr, b"jobsched: the jobs of 1 offline worker are not listed\n")
+        self.assertEqual([j["job_id"] for j in json.loads(done.stdout.decode())["jobs"]],
+                         [ok, running])
+        self.assertEqual(listed("--worker", w1.worker_id).stderr, b"")
+
+    def test_query_prints_json_values_and_local_times(self):
+        scheduler, (w,), c = self.cluster(1)
+        job_id = c.start("", "sh", "", sh_args("exit 0", "5"))
+        job = self.wait_done(c, job_id)
+        done = self.cli("query", job_id, env=cli_env(JOBSCHED_SCHEDULER=scheduler.address))
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.decode().splitlines()
+        for line in ('args: ["-c", "exit 0", "sh", "5"]', "done: true", "error: false",
+                     'error_text: ""', "exit_code: 0", "state: succeeded", "command: sh",
+                     'path: ""'):
+            self.assertIn(line, lines)
+        for key in ("started_at", "finished_at"):
+            local = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(job[key]))
+            self.assertRegex(done.stdout.decode(), r"(?m)^%s: %s\.\d{3}[+-]\d\d:\d\d$"
+                             % (key, re.escape(local)))
+        done = self.cli("query", "--json", job_id, env=cli_env(JOBSCHED_SCHEDULER=scheduler.address))
+        self.assertEqual(json.loads(done.stdout.decode())["started_at"], job["started_at"])
+
+    def test_workers_running_counts_only_jobs_still_running(self):
+        scheduler = self.scheduler()
+        w = self.worker(scheduler, heartbeat=30)  # no regular heartbeat during the test
+        c = self.client(scheduler)
+        wait_until(lambda: c.workers(), message="the worker to register")
+        job_id = c.start("", "sh", "", sh_args("exit 0"))
+        self.wait_done(c, job_id)
+        wait_until(lambda: c.workers()[0]["running"] == 0, timeout=5,
+                   message="the scheduler to learn that the job ended")
+        done = self.cli("workers", env=cli_env(JOBSCHED_SCHEDULER=scheduler.address))
+        header, row = done.stdout.decode().splitlines()
+        self.assertEqual(row.split()[header.split().index("RUNNING")], "0")
+
+    def test_client_from_env(self):
+        scheduler = self.scheduler(token=TOKEN)
+        token_file = os.path.join(self.tempdir(), "token")
+        with open(token_file, "w") as f:
+            f.write(TOKEN + "\n")
+        os.chmod(token_file, 0o600)
+        environment = example_env(JOBSCHED_SCHEDULER=scheduler.address,
+                                  JOBSCHED_TOKEN_FILE=token_file, JOBSCHED_TOKEN="wrong")
+        saved = dict(os.environ)
+        self.addCleanup(lambda: (os.environ.clear(), os.environ.update(saved)))
+        os.environ.clear()
+        os.environ.update(environment)
+        client = self.client_from_env()  # the file wins over JOBSCHED_TOKEN, as in the CLI
+        self.assertEqual(client.info()["role"], "scheduler")
+        self.assertEqual(client.timeout, 10.0)
+        with self.assertRaises(jobsched.Unauthorized):
+            self.client_from_env(token="wrong").info()  # a token given wins over the file
+        self.assertEqual(self.client_from_env(timeout=3).timeout, 3)
+        with self.assertRaises(TypeError):
+            jobsched.Client.from_env(schedulr="x")
+        with self.assertRaises(jobsched.ConfigError):
+            jobsched.Client.from_env(token_file=os.path.join(self.tempdir(), "none"))
+        del os.environ["JOBSCHED_SCHEDULER"]
+        self.assertEqual(self.client_from_env().address, jobsched.DEFAULT_SCHEDULER)
+        other = self.scheduler()
+        self.assertEqual(self.client_from_env(address=other.address).workers(), [])
+
+    def client_from_env(self, **overrides):
+        client = jobsched.Client.from_env(**overrides)
+        self.addCleanup(client.close)
+        return client
+
+
+class ExamplesFromEnvTest(ClusterTestCase):
+    """examples/client.py and examples/curl.sh read what the CLI reads, after the TLS
+    walk-through: a token file, a CA, a client certificate."""
+
+    @classmethod
+    def setUpClass(cls):
+        if shutil.which("openssl") is None:
+            raise unittest.SkipTest("the openssl command is not installed")
+        cls.cert_dir = tempfile.mkdtemp(prefix="jobsched-tls-")
+        try:
+            cls.a, _ = make_certificates(cls.cert_dir)
+        except BaseException:
+            shutil.rmtree(cls.cert_dir, ignore_errors=True)
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.cert_dir, ignore_errors=True)
+
+    def secured_cluster(self):
+        """A mutual-TLS, token cluster; returns (scheduler, client, the CLI's environment)."""
+        token_file = os.path.join(self.tempdir(), "token")
+        with open(token_file, "w") as f:
+            f.write(TOKEN)
+        os.chmod(token_file, 0o600)
+
+        def files(name):
+            return {"tls_cert": os.path.join(self.a, name + ".pem"),
+                    "tls_key": os.path.join(self.a, name + ".key"),
+                    "tls_ca": os.path.join(self.a, "ca.pem"), "token": TOKEN}
+        scheduler = self.scheduler(**files("scheduler"))
+        self.worker(scheduler, **files("worker"))
+        client = self.client(scheduler, **files("client"))
+        wait_until(lambda: client.workers(), message="the worker to register")
+        env = example_env(JOBSCHED_SCHEDULER="https://" + scheduler.address,
+                          JOBSCHED_TOKEN_FILE=token_file,
+                          JOBSCHED_TLS_CA=files("client")["tls_ca"],
+                          JOBSCHED_TLS_CERT=files("client")["tls_cert"],
+                          JOBSCHED_TLS_KEY=files("client")["tls_key"])
+        return scheduler, client, env
+
+    def test_example_client_reads_token_file_and_tls_from_env(self):
+        _, _, env = self.secured_cluster()
+        proc = run_example([sys.executable, os.path.join(HERE, "examples", "client.py")], env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace"))
+        self.assertIn("1\n2\n3\ndone\n", proc.stdout.decode())
+
+    def test_example_curl_reads_token_file_and_tls_and_prints_replies_byte_for_byte(self):
+        if shutil.which("curl") is None:
+            self.skipTest("curl is not installed")
+        _, client, env = self.secured_cluster()
+        # A directory whose name JSON escapes (a backslash): `echo` would print it altered.
+        examples = os.path.join(self.tempdir(), "ex\\n")
+        os.mkdir(examples)
+        for name in ("curl.sh", "count.sh"):
+            shutil.copy(os.path.join(HERE, "examples", name), examples)
+        proc = run_example(["sh", os.path.join(examples, "curl.sh")], env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace"))
+        out = proc.stdout.decode()
+        self.assertIn('"path": %s' % json.dumps(os.path.join(examples, "count.sh")), out)
+        self.assertIn('< 200 {"success": true}\n', out)
+        self.assertNotIn(TOKEN, out)
+        jobs = {j["command"]: j for j in client.jobs()}
+        self.assertEqual((jobs["sh"]["state"], jobs["sleep"]["state"]), ("succeeded", "stopped"))
 
 
 if __name__ == "__main__":

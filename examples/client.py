@@ -4,7 +4,9 @@
     python3 examples/client.py [SCHEDULER]
 
 SCHEDULER is HOST:PORT (or https://HOST:PORT); without it, $JOBSCHED_SCHEDULER, else
-127.0.0.1:50000. The token, if the cluster uses one, comes from $JOBSCHED_TOKEN.
+127.0.0.1:50000. Everything else comes from the environment variables jobsched's command line
+reads (jobsched.Client.from_env): the token from $JOBSCHED_TOKEN_FILE or $JOBSCHED_TOKEN, the
+TLS files from $JOBSCHED_TLS_CA, $JOBSCHED_TLS_CERT and $JOBSCHED_TLS_KEY.
 
 The job is `sh <this directory>/count.sh 3`, so the chosen worker must have count.sh at the
 same path (true when the worker runs on this host from the same checkout). The job's output is
@@ -31,8 +33,11 @@ def exit_status(job):
 
 
 def main(argv):
-    address = argv[1] if len(argv) > 1 else os.environ.get("JOBSCHED_SCHEDULER", "127.0.0.1:50000")
-    client = jobsched.Client(address, token=os.environ.get("JOBSCHED_TOKEN"))
+    try:
+        client = jobsched.Client.from_env(address=argv[1] if len(argv) > 1 else None)
+    except jobsched.JobschedError as e:  # e.g. a token file others may read
+        print("client.py: %s" % e, file=sys.stderr)
+        return 2
     try:
         # worker_id "" lets the scheduler pick the online worker with the most free slots.
         job_id = client.start("", "sh", os.path.join(HERE, "count.sh"), {"args": ["3"]})
