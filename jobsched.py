@@ -648,7 +648,9 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
             self._wake_parking.setblocking(False)  # a full pipe already means "wake up"
         threading.Thread(target=self._parking_loop, args=(wakeup,), name="jobsched-parking",
                          daemon=True).start()
-        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+        # shutdown() waits for serve_forever() to look at its flag: every 0.05 s, so that a
+        # signalled scheduler or worker exits at once
+        thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
                                   name="jobsched-accept", daemon=True)
         thread.start()
         self._serving = True
