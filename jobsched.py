@@ -228,12 +228,14 @@ def lookup(table, lock, key, kind):
 
 
 def want_struct(value, name):
+    if value == []:  # PHP's xmlrpc (and other clients) cannot send an empty struct
+        return {}
     if not isinstance(value, dict):
         raise BadRequest("%s must be a struct, not %s" % (name, type(value).__name__))
     return value
 
 
-JOB_OPTIONS = ("args", "env", "cwd", "timeout")
+JOB_OPTIONS = ("args", "env", "cwd", "timeout", "job_id")
 MAX_JOB_TIMEOUT = 10 ** 7     # seconds (115 days); threading.Timer cannot wait much longer
 
 
@@ -244,9 +246,18 @@ def want_timeout(value):
     return seconds
 
 
+def want_job_id(value, name="job_id"):
+    """A job id made by a caller must be a UUID; returns its canonical (lower-case) form."""
+    want_str(value, name, limit=64)
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise BadRequest("%s must be a UUID, not %s" % (name, _short(value)))
+
+
 def parse_job_options(options):
-    """Check a start() options struct; returns {args, env, cwd, timeout} with defaults."""
-    want_struct(options, "options")
+    """Check a start() options struct; returns {args, env, cwd, timeout, job_id} with defaults."""
+    options = want_struct(options, "options")
     unknown = sorted(set(options) - set(JOB_OPTIONS))
     if unknown:
         raise BadRequest("unknown option %s (known: %s)" % (_short(unknown[0]), ", ".join(JOB_OPTIONS)))
@@ -265,6 +276,7 @@ def parse_job_options(options):
         "env": env,
         "cwd": want_str(options["cwd"], "cwd") if options.get("cwd") else None,
         "timeout": want_timeout(timeout) if timeout is not None else None,
+        "job_id": want_job_id(options["job_id"]) if "job_id" in options else None,
     }
 
 
@@ -1099,7 +1111,8 @@ class Worker(_Role):
         self._base_env = ({k: v for k, v in os.environ.items() if k != "JOBSCHED_TOKEN"}
                           if "JOBSCHED_TOKEN" in os.environ else None)
         self.jobs_lock = threading.Lock()
-        #: guards self._jobs, self._finished, self._running, self._closing and every Job's state
+        #: guards self._jobs, self._starting, self._finished, self._running, self._closing and
+        #: every Job's state
         self._job_changed = threading.Condition(self.jobs_lock)  # notified when a job ends
         self.journal_lock = threading.Lock()
         #: guards self._journal (fd of <state-dir>/journal) and self._journal_bytes; taken
@@ -1108,6 +1121,7 @@ class Worker(_Role):
         self._jobs = {}
         self._finished = deque()  # finished job ids, oldest first, for --keep-jobs
         self._running = 0
+        self._starting = set()  # job ids being spawned: a second start of one waits for the first
         self._closing = False
         self._closed = threading.Event()
         self._registered = False  # written by the heartbeat thread only
@@ -1398,23 +1412,34 @@ class Worker(_Role):
             # Run the file that was checked: Popen would search PATH again, from the job's cwd.
             opts["executable"] = executable
         argv = [command] + ([self._resolve_path(path)] if path else []) + opts["args"]
+        job_id = opts["job_id"] or str(uuid.uuid4())
         with self.jobs_lock:
+            # start is idempotent: a job_id this worker has, or is starting, starts nothing.
+            while job_id in self._starting:
+                self._job_changed.wait()
+            if job_id in self._jobs:
+                return job_id
             if self._closing:
                 raise Unavailable("worker is shutting down")
             if self._running >= self.slots:
                 raise Unavailable("worker is full (%d slots)" % self.slots)
             self._running += 1  # hold the slot while starting, outside the lock
+            self._starting.add(job_id)
         try:
-            job = self._spawn(command, path, opts, argv, env)
+            job = self._spawn(job_id, command, path, opts, argv, env)
         except BaseException:
             with self.jobs_lock:
                 self._running -= 1
             raise
+        finally:
+            with self.jobs_lock:
+                self._starting.discard(job_id)
+                self._job_changed.notify_all()
         log.info("job %s started: %s", job.job_id, " ".join(map(_short, argv)))
         return job.job_id
 
-    def _spawn(self, command, path, opts, argv, env):
-        job = Job(str(uuid.uuid4()), self.worker_id, command, path, opts["args"])
+    def _spawn(self, job_id, command, path, opts, argv, env):
+        job = Job(job_id, self.worker_id, command, path, opts["args"])
         out_path = self._out_path(job.job_id)
         try:
             out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)

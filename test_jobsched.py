@@ -2288,5 +2288,58 @@ class HostileInputTest(ClusterTestCase):
         self.assertEqual(self.client(worker).info()["worker_id"], worker.worker_id)
 
 
+class IdempotentStartTest(ClusterTestCase):
+    """A caller-made job_id: start is idempotent, concurrent starts of one id spawn one process."""
+
+    def test_same_job_id_starts_once(self):
+        worker = self.worker(None, slots=8)
+        client = self.client(worker)
+        job_id = str(uuid.uuid4())
+        marker = os.path.join(self.tempdir(), "runs")
+        options = {"job_id": job_id.upper(), "args": ["-c", "echo x >> %s; sleep 30" % marker]}
+        answers, errors = [], []
+
+        def start():
+            try:
+                answers.append(self.client(worker).start("sh", "", options))
+            except Exception as e:  # reported below
+                errors.append(e)
+        threads = [threading.Thread(target=start) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        self.addCleanup(client.stop, job_id)
+        self.assertEqual(errors, [])
+        self.assertEqual(answers, [job_id] * 6)  # canonical lower-case form
+        self.assertEqual(client.start("sh", "", options), job_id)
+        wait_until(lambda: os.path.exists(marker), message="the job to run")
+        self.assertEqual([j["job_id"] for j in client.jobs()], [job_id])
+        self.assertEqual(worker.info()["running"], 1)
+        with open(marker) as f:
+            self.assertEqual(f.read(), "x\n")
+        client.stop(job_id)
+        # an ended job is not started again either
+        self.assertEqual(client.start("sh", "", options), job_id)
+        self.assertEqual(client.query(job_id)["state"], "stopped")
+
+    def test_job_id_must_be_a_uuid(self):
+        worker = self.worker(None)
+        client = self.client(worker)
+        for bad in ("", "abc", "1234", 5):
+            with self.assertRaises(jobsched.BadRequest) as caught:
+                client.start("true", "", {"job_id": bad})
+            self.assertIn("job_id", str(caught.exception))
+        self.assertEqual(client.jobs(), [])
+
+    def test_empty_array_is_an_empty_struct(self):
+        worker = self.worker(None)
+        client = self.client(worker)
+        job_id = client.start("true", "", [])
+        self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+        job_id = client.start("true", "", {"env": []})
+        self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+
+
 if __name__ == "__main__":
     unittest.main()
