@@ -1259,7 +1259,8 @@ class Worker(_Role):
 
     Library use: ``Worker(listen="127.0.0.1:0", scheduler=ADDR, state_dir=DIR)``, then
     start_serving() (or ``with``), ``address``, ``worker_id``, close(). ``scheduler=None`` runs it
-    standalone. RPCs: start, stop, query, output, jobs, info."""
+    standalone. ``fatal_error`` says why it stopped heartbeating, if the scheduler refused its
+    token (it keeps serving). RPCs: start, stop, query, output, jobs, info."""
 
     def __init__(self, listen=DEFAULT_WORKER, scheduler=DEFAULT_SCHEDULER, advertise=None,
                  state_dir=None, slots=None, stop_grace=5.0, heartbeat=2.0, keep_jobs=10000,
@@ -2934,7 +2935,9 @@ def main(argv=None):
     elif args.cmd == "demo":
         _configure_logging("error")
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a closed stdout is caught, rather than at exit
+        return status
     except ConfigError as e:
         print("jobsched: error: %s" % e, file=sys.stderr)
         return 2
