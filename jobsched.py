@@ -2628,7 +2628,7 @@ class StatusPages:
         rows = []
         for key in sorted(job):
             value = job[key]
-            shown = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            shown = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
             if key.endswith("_at") and isinstance(value, (int, float)):
                 shown = "%s (%s)" % (value, _when(value))
             rows.append("<tr><th>%s</th><td>%s</td></tr>\n" % (html.escape(key), html.escape(shown)))
@@ -2687,7 +2687,7 @@ def _incomplete_utf8_tail(data):
     """How many bytes at the end of data begin a UTF-8 character that is not complete yet."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
-        if byte < 0x80:
+        if byte < 0x80 or byte >= 0xF8:
             return 0
         if byte >= 0xC0:  # a lead byte: how long its character is
             need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
