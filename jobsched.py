@@ -2108,6 +2108,10 @@ class Metrics:
         self._counters = {}
         self._histograms = {}
         self._counted, self._counted_order = set(), deque()  # ids inc_once took, oldest first
+        #: the sample lines of a worker by (worker_id, host, slots, running), so that a scrape
+        #: does not format a thousand unchanged workers again; guarded by the GIL (single get,
+        #: set and clear calls)
+        self.worker_lines = {}
 
     def inc(self, name, labels=(), amount=1):
         with self.lock:
@@ -2220,15 +2224,16 @@ def process_samples():
 
 
 def metrics_text(samples):
-    """The Prometheus text format 0.0.4 of {family: [(suffix, labels text, value)]}."""
+    """The Prometheus text format 0.0.4 of {family: [(suffix, labels text, value)] or
+    [sample line, ...]}."""
     out = []
     for name, (kind, _, help_text) in METRIC_FAMILIES.items():
         rows = samples.get(name)
         if rows is None:
             continue
         out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, help_text, name, kind))
-        out.extend(["%s%s%s %s\n" % (name, suffix, labels, metric_number(value))
-                    for suffix, labels, value in rows])
+        out.extend([row if isinstance(row, str) else
+                    "%s%s%s %s\n" % (name, row[0], row[1], metric_number(row[2])) for row in rows])
     return "".join(out).encode("utf-8")
 
 
@@ -2244,25 +2249,32 @@ def _queued_count(scheduler):
 def scheduler_metrics(scheduler):
     now = time.time()
     with scheduler.workers_lock:
-        rows = [(rec.worker_id, rec.hostname or rec.address or "", rec.slots, rec.running,
-                 rec.online(now)) for rec in scheduler._workers.values()]
+        keys = [(rec.worker_id, rec.hostname or rec.address or "", rec.slots, rec.running)
+                for rec in scheduler._workers.values()]
+        online = sum(rec.online(now) for rec in scheduler._workers.values())
     samples = scheduler.metrics.samples(
         ("jobsched_jobs_started_total", "jobsched_rpc_requests_total"),
         ("jobsched_rpc_duration_seconds",))
-    online = sum(row[4] for row in rows)
     samples["jobsched_workers"] = [("", '{state="online"}', online),
-                                   ("", '{state="offline"}', len(rows) - online)]
-    slots, running = samples["jobsched_worker_slots"], samples["jobsched_worker_running"] = [], []
-    for worker_id, host, worker_slots, worker_running, _ in rows:
-        labels = '{worker_id="%s",host="%s"}' % (escape_label(worker_id), escape_label(host))
-        slots.append(("", labels, worker_slots))
-        running.append(("", labels, worker_running))
+                                   ("", '{state="offline"}', len(keys) - online)]
+    cache = scheduler.metrics.worker_lines
+    if len(cache) > 2 * len(keys) + 1000:  # slot counts changed since: start afresh
+        cache.clear()
+    lines = [cache.get(key) or cache.setdefault(key, _worker_lines(*key)) for key in keys]
+    samples["jobsched_worker_slots"] = [line[0] for line in lines]
+    samples["jobsched_worker_running"] = [line[1] for line in lines]
     queued = _queued_count(scheduler)
     if queued is not None:
         samples["jobsched_jobs_queued"] = [("", "", queued)]
     _zero_finished_states(samples)
     samples.update(process_samples())
     return metrics_text(samples)
+
+
+def _worker_lines(worker_id, host, slots, running):
+    labels = '{worker_id="%s",host="%s"}' % (escape_label(worker_id), escape_label(host))
+    return ("jobsched_worker_slots%s %d\n" % (labels, slots),
+            "jobsched_worker_running%s %d\n" % (labels, running))
 
 
 def worker_metrics(worker):
