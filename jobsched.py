@@ -1985,8 +1985,8 @@ class Scheduler(_Role):
         # parsed listing allocated (100000 jobs: 150 MB of RSS instead of 15 MB).
         self._remember(*[(job["job_id"].encode().decode(), sys.intern(job["worker_id"]))
                          for job in jobs])
-        self._count_finished([(job["job_id"], job["state"], job["finished_at"]) for job in jobs
-                              if job.get("finished_at", 0) >= self._began])
+        self._count_finished([(job["job_id"], job.get("state", ""), job["finished_at"])
+                              for job in jobs if job.get("finished_at", 0) >= self._began])
         return jobs
 
     def _count_finished(self, ends):
@@ -2585,7 +2585,8 @@ class StatusPages:
                 "<td>%s</td>" % _duration((j.get("finished_at") or now) - j.get("started_at", now)),
             ]) for j in selected]
         columns = ["job", "name or command", "worker", "state", "exit", "started", "duration"]
-        running = sorted((j for j in jobs if not j.get("done")), key=lambda j: j.get("started_at", 0))
+        running = sorted((j for j in jobs if not j.get("done") and j.get("state") != "queued"),
+                         key=lambda j: j.get("started_at", 0))
         finished = [j for j in jobs if j.get("done")]
         latest = sorted(finished, key=lambda j: j.get("finished_at", 0), reverse=True)[:PAGE_JOBS]
         out.append("<h2>Running (%d)</h2>\n" % len(running))
