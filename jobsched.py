@@ -244,12 +244,14 @@ def lookup(table, lock, key, kind):
 
 
 def want_struct(value, name):
+    if value == []:  # PHP's xmlrpc (and other clients) cannot send an empty struct
+        return {}
     if not isinstance(value, dict):
         raise BadRequest("%s must be a struct, not %s" % (name, type(value).__name__))
     return value
 
 
-JOB_OPTIONS = ("args", "env", "cwd", "timeout")
+JOB_OPTIONS = ("args", "env", "cwd", "timeout", "job_id")
 MAX_JOB_TIMEOUT = 10 ** 7     # seconds (115 days); threading.Timer cannot wait much longer
 
 
@@ -260,9 +262,18 @@ def want_timeout(value):
     return seconds
 
 
+def want_job_id(value, name="job_id"):
+    """A job id made by a caller must be a UUID; returns its canonical (lower-case) form."""
+    want_str(value, name, limit=64)
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise BadRequest("%s must be a UUID, not %s" % (name, _short(value)))
+
+
 def parse_job_options(options):
-    """Check a start() options struct; returns {args, env, cwd, timeout} with defaults."""
-    want_struct(options, "options")
+    """Check a start() options struct; returns {args, env, cwd, timeout, job_id} with defaults."""
+    options = want_struct(options, "options")
     unknown = sorted(set(options) - set(JOB_OPTIONS))
     if unknown:
         raise BadRequest("unknown option %s (known: %s)" % (_short(unknown[0]), ", ".join(JOB_OPTIONS)))
@@ -281,6 +292,7 @@ def parse_job_options(options):
         "env": env,
         "cwd": want_str(options["cwd"], "cwd") if options.get("cwd") else None,
         "timeout": want_timeout(timeout) if timeout is not None else None,
+        "job_id": want_job_id(options["job_id"]) if "job_id" in options else None,
     }
 
 
@@ -1090,6 +1102,161 @@ def write_atomically(path, data):
         raise
 
 
+class SpawnedProcess:
+    """A job's process started by posix_spawn: its pid, and wait() as Popen has it."""
+    __slots__ = ("pid", "returncode")
+
+    def __init__(self, pid):
+        self.pid, self.returncode = pid, None
+
+    def wait(self):
+        """Reap the process and return its returncode (only the job's waiter calls this)."""
+        if self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except ChildProcessError:  # reaped elsewhere: nothing left to learn
+                status = 255 << 8
+            self.returncode = (-os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                               else os.WEXITSTATUS(status))
+        return self.returncode
+
+
+class Spawner:
+    """Starts a job's process: its own session and process group, stdin /dev/null, stdout and
+    stderr appended to ``out`` (an fd), ``cwd``, ``env`` (None: the worker's), and exactly
+    ``executable`` when given (the file --allow checked). Errors are OSError, as Popen's.
+
+    ``method`` "posix_spawn" (the default where it works: Linux with glibc 2.26 or newer) calls
+    the C library's posix_spawn through ctypes; glibc runs it with vfork, so a start costs the same
+    whatever the worker's size and whatever the Python version. "popen" is subprocess.Popen, whose
+    fork on Python 3.6 and 3.7 copies the page tables of the whole worker; it is also the fallback
+    for a ``cwd`` on a glibc older than 2.29 (no posix_spawn_file_actions_addchdir_np)."""
+
+    _SETSIGMASK, _SETSIGDEF, _SETSID = 0x08, 0x04, 0x80  # glibc's POSIX_SPAWN_* flags
+    _ATTR_BYTES = _ACTIONS_BYTES = _SIGSET_BYTES = 1024  # larger than glibc's structs
+
+    def __init__(self, method=None):
+        self._libc = None
+        if method in (None, "posix_spawn") and sys.platform.startswith("linux"):
+            self._libc = self._load_libc()
+        if method == "posix_spawn" and self._libc is None:
+            raise ConfigError("posix_spawn through ctypes is not available on this system")
+        if method not in (None, "posix_spawn", "popen"):
+            raise ConfigError("spawn method must be posix_spawn or popen, not %s" % _short(method))
+        self.method = "posix_spawn" if self._libc is not None else "popen"
+        if self.method == "posix_spawn" and self._closefrom is None:
+            self._close_inherited_fds()
+
+    def _load_libc(self):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.gnu_get_libc_version.restype = ctypes.c_char_p
+            version = tuple(int(n) for n in libc.gnu_get_libc_version().split(b".")[:2])
+            if version < (2, 26):  # POSIX_SPAWN_SETSID; exec errors reported through vfork
+                return None
+            self._ctypes = ctypes
+            self._spawn = libc.posix_spawn
+            self._attr = (libc.posix_spawnattr_init, libc.posix_spawnattr_setflags,
+                          libc.posix_spawnattr_setsigmask, libc.posix_spawnattr_setsigdefault,
+                          libc.posix_spawnattr_destroy)
+            self._actions = (libc.posix_spawn_file_actions_init,
+                             libc.posix_spawn_file_actions_addopen,
+                             libc.posix_spawn_file_actions_adddup2,
+                             libc.posix_spawn_file_actions_destroy)
+            self._chdir = getattr(libc, "posix_spawn_file_actions_addchdir_np", None)
+            self._closefrom = getattr(libc, "posix_spawn_file_actions_addclosefrom_np", None)
+            # Signals Python sets to SIG_IGN (SIGPIPE, SIGXFSZ) go back to default in the job, as
+            # Popen's restore_signals does; the job starts with no signal blocked.
+            self._no_signals = ctypes.create_string_buffer(self._SIGSET_BYTES)
+            self._default_signals = ctypes.create_string_buffer(self._SIGSET_BYTES)
+            libc.sigemptyset(self._no_signals)
+            libc.sigemptyset(self._default_signals)
+            for signum in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None), getattr(signal, "SIGXFZ", None)):
+                if signum is not None:
+                    libc.sigaddset(self._default_signals, int(signum))
+            return libc
+        except (ImportError, OSError, AttributeError, ValueError):
+            return None
+
+    @staticmethod
+    def _close_inherited_fds():
+        """Without posix_spawn_file_actions_addclosefrom_np (glibc < 2.34) a job would inherit
+        every fd the worker got from its own parent; Python's own fds are close-on-exec already."""
+        try:
+            fds = [int(name) for name in os.listdir("/proc/self/fd")]
+        except OSError:
+            return
+        for fd in fds:
+            if fd > 2:
+                try:
+                    os.set_inheritable(fd, False)
+                except OSError:
+                    pass
+
+    def spawn(self, argv, out, cwd=None, env=None, executable=None):
+        if self._libc is None or (cwd and self._chdir is None):
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    cwd=cwd, env=env, start_new_session=True,
+                                    executable=executable)
+        return SpawnedProcess(self._posix_spawn(argv, out, cwd, env, executable))
+
+    def _find(self, command, executable, cwd, env):
+        """The file to exec, searched as Popen searches it: in the PATH of the job's env."""
+        if executable:
+            return os.fsencode(executable)
+        if os.sep in command:
+            return os.fsencode(command)
+        found = None
+        for directory in os.get_exec_path(env):
+            candidate = os.path.join(directory, command)
+            seen_from = os.path.join(cwd, candidate) if cwd else candidate  # exec runs in cwd
+            if os.path.isfile(seen_from) and os.access(seen_from, os.X_OK):
+                return os.fsencode(candidate)
+            if found is None and os.path.exists(seen_from):
+                found = candidate  # exists but cannot run: Popen reports its error, not ENOENT
+        if found is not None:
+            return os.fsencode(found)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
+
+    def _posix_spawn(self, argv, out, cwd, env, executable):
+        ctypes = self._ctypes
+        path = self._find(argv[0], executable, cwd, env)
+        args = [os.fsencode(a) for a in argv]
+        if env is None:
+            env = os.environ
+        envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+        c_argv = (ctypes.c_char_p * (len(args) + 1))(*args)
+        c_envp = (ctypes.c_char_p * (len(envp) + 1))(*envp)
+        attr = ctypes.create_string_buffer(self._ATTR_BYTES)
+        actions = ctypes.create_string_buffer(self._ACTIONS_BYTES)
+        attr_init, set_flags, set_mask, set_default, attr_destroy = self._attr
+        actions_init, add_open, add_dup2, actions_destroy = self._actions
+        pid = ctypes.c_int(0)
+        attr_init(attr)
+        actions_init(actions)
+        try:
+            set_flags(attr, ctypes.c_short(self._SETSID | self._SETSIGMASK | self._SETSIGDEF))
+            set_mask(attr, self._no_signals)
+            set_default(attr, self._default_signals)
+            add_open(actions, 0, b"/dev/null", os.O_RDONLY, 0)
+            add_dup2(actions, out, 1)
+            add_dup2(actions, out, 2)
+            if self._closefrom is not None:
+                self._closefrom(actions, 3)
+            if cwd:
+                self._chdir(actions, os.fsencode(cwd))
+            err = self._spawn(ctypes.byref(pid), path, actions, attr, c_argv, c_envp)
+        finally:
+            actions_destroy(actions)
+            attr_destroy(attr)
+        if err:
+            if cwd and not os.path.isdir(cwd):
+                raise OSError(err, os.strerror(err), cwd)
+            raise OSError(err, os.strerror(err), argv[0] if executable is None else executable)
+        return pid.value
+
+
 #: the ``finished`` Event of every ended job: one shared set Event instead of 1.5 KB per kept job
 _ENDED = threading.Event()
 _ENDED.set()
@@ -1162,8 +1329,9 @@ class Worker(_Role):
                  state_dir=None, slots=None, stop_grace=5.0, heartbeat=2.0, keep_jobs=10000,
                  allow=(), jobs_dir=None, rpc_timeout=10.0, max_request=MiB, read_timeout=30.0,
                  token=None, tls_cert=None, tls_key=None, tls_ca=None, insecure=False,
-                 security=None):
+                 security=None, spawn_method=None):
         self.security = security or Security(token, tls_cert, tls_key, tls_ca, insecure)
+        self.spawner = Spawner(spawn_method)
         self.slots = slots if slots is not None else (os.cpu_count() or 1)
         self.stop_grace, self.heartbeat, self.keep_jobs = stop_grace, heartbeat, keep_jobs
         self.rpc_timeout = rpc_timeout
@@ -1176,7 +1344,8 @@ class Worker(_Role):
         self._base_env = ({k: v for k, v in os.environ.items() if k != "JOBSCHED_TOKEN"}
                           if "JOBSCHED_TOKEN" in os.environ else None)
         self.jobs_lock = threading.Lock()
-        #: guards self._jobs, self._finished, self._running, self._closing and every Job's state
+        #: guards self._jobs, self._starting, self._finished, self._running, self._closing and
+        #: every Job's state
         self._job_changed = threading.Condition(self.jobs_lock)  # notified when a job ends
         self.journal_lock = threading.Lock()
         #: guards self._journal (fd of <state-dir>/journal) and self._journal_bytes; taken
@@ -1185,6 +1354,7 @@ class Worker(_Role):
         self._jobs = {}
         self._finished = deque()  # finished job ids, oldest first, for --keep-jobs
         self._running = 0
+        self._starting = set()  # job ids being spawned: a second start of one waits for the first
         self._closing = False
         self._closed = threading.Event()
         self._registered = False  # written by the heartbeat thread only
@@ -1477,33 +1647,42 @@ class Worker(_Role):
             # Run the file that was checked: Popen would search PATH again, from the job's cwd.
             opts["executable"] = executable
         argv = [command] + ([self._resolve_path(path)] if path else []) + opts["args"]
+        job_id = opts["job_id"] or str(uuid.uuid4())
         with self.jobs_lock:
+            # start is idempotent: a job_id this worker has, or is starting, starts nothing.
+            while job_id in self._starting:
+                self._job_changed.wait()
+            if job_id in self._jobs:
+                return job_id
             if self._closing:
                 raise Unavailable("worker is shutting down")
             if self._running >= self.slots:
                 raise Unavailable("worker is full (%d slots)" % self.slots)
             self._running += 1  # hold the slot while starting, outside the lock
+            self._starting.add(job_id)
         try:
-            job = self._spawn(command, path, opts, argv, env)
+            job = self._spawn(job_id, command, path, opts, argv, env)
         except BaseException:
             with self.jobs_lock:
                 self._running -= 1
             raise
+        finally:
+            with self.jobs_lock:
+                self._starting.discard(job_id)
+                self._job_changed.notify_all()
         self.metrics.inc("jobsched_jobs_started_total")
         log.info("job %s started: %s", job.job_id, " ".join(map(_short, argv)))
         return job.job_id
 
-    def _spawn(self, command, path, opts, argv, env):
-        job = Job(str(uuid.uuid4()), self.worker_id, command, path, opts["args"])
+    def _spawn(self, job_id, command, path, opts, argv, env):
+        job = Job(job_id, self.worker_id, command, path, opts["args"])
         out_path = self._out_path(job.job_id)
         try:
             out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         except OSError as e:
             raise Unavailable("cannot write job output in %s: %s" % (self.state_dir, e.strerror))
         try:
-            job.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=opts["cwd"], env=env,
-                start_new_session=True, executable=opts.get("executable"))
+            job.process = self.spawner.spawn(argv, out, opts["cwd"], env, opts.get("executable"))
         except OSError as e:
             os.unlink(out_path)
             raise BadRequest("cannot start %s: %s%s" % (_short(argv[0]), e.strerror or e,
@@ -2830,7 +3009,8 @@ def cmd_worker(args):
                     state_dir=args.state_dir, slots=args.slots, stop_grace=args.stop_grace,
                     heartbeat=args.heartbeat, keep_jobs=args.keep_jobs, allow=args.allow,
                     jobs_dir=args.jobs_dir, rpc_timeout=args.rpc_timeout,
-                    max_request=args.max_request, security=_security_from_args(args))
+                    max_request=args.max_request, security=_security_from_args(args),
+                    spawn_method=None if args.spawn_method == "auto" else args.spawn_method)
     return _serve_until_signal(worker, "jobsched worker listening on %%s (worker_id %s)"
                                % worker.worker_id)
 
@@ -3105,6 +3285,10 @@ def build_parser():
                      help="finished jobs kept, oldest removed first (default: %(default)s)")
     sub.add_argument("--allow", metavar="COMMAND", action="append", default=[],
                      help="only these commands may be started (repeatable; matched on the resolved path)")
+    sub.add_argument("--spawn-method", choices=["auto", "posix_spawn", "popen"], default="auto",
+                     help="how jobs are started: posix_spawn (vfork, fast on every Python; Linux "
+                          "with glibc 2.26+) or popen (subprocess); auto picks posix_spawn where it "
+                          "works (default: %(default)s)")
     sub.add_argument("--jobs-dir", metavar="DIR",
                      help="resolve 'path' inside DIR and refuse anything that escapes it")
 
