@@ -16,11 +16,14 @@ License: MIT (see LICENSE).
 
 import argparse
 import base64
+import bisect
 import datetime
 import errno
 import fcntl
 import functools
+import hashlib
 import hmac
+import html
 import http.client
 import inspect
 import ipaddress
@@ -31,6 +34,7 @@ import pyexpat
 import queue
 import random
 import re
+import resource
 import selectors
 import signal
 import socket
@@ -41,6 +45,7 @@ import tempfile
 import threading
 import _thread
 import time
+import urllib.parse
 import uuid
 import xmlrpc.client
 import xmlrpc.server
@@ -157,6 +162,17 @@ def dumps_response(result):
 
 class _RelayedReply(bytes):
     """A peer's whole XML-RPC reply, passed on unparsed (the scheduler relaying output)."""
+
+
+_FAULT_CODE = re.compile(rb"<name>faultCode</name>\s*<value>\s*<(?:int|i4|i8)>\s*(-?[0-9]{1,9})")
+
+
+def relayed_fault_code(reply):
+    """The fault code of a relayed reply, 0 if it is not a fault (a fault's head is short)."""
+    if b"<fault>" not in reply[:120]:
+        return 0
+    match = _FAULT_CODE.search(reply)
+    return int(match.group(1)) if match else INTERNAL
 
 
 def _short(value, limit=80):
@@ -469,6 +485,19 @@ class Headers(dict):
         raise http.client.HTTPException("more than %d headers" % max_headers)
 
 
+class PageRequest:
+    """What a page route sees of a request: verb, path (percent-decoded), query (name -> first
+    value), headers (a Headers) and body (bytes)."""
+    __slots__ = ("verb", "path", "query", "headers", "body")
+
+    def __init__(self, verb, path, query, headers, body):
+        self.verb, self.path, self.headers, self.body = verb, urllib.parse.unquote(path), headers, body
+        self.query = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
+
+    def accepts_html(self):
+        return "text/html" in self.headers.get("Accept", "")
+
+
 class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
     """HTTP/1.1 keep-alive handler: token check, body limits, XML-RPC and JSON routes."""
     protocol_version = "HTTP/1.1"
@@ -546,16 +575,26 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         elif path in self.rpc_paths:
             self._reply(200, self.server.dispatch_xmlrpc(body), "text/xml")
         else:
-            self._reply_json(404, {"error": "no such route: POST %s" % _short(path)})
+            self._page("POST", body)
 
     def do_GET(self):
         if not self._authorized():
             return
         route = self.server.json_routes.get(("GET", self.path.partition("?")[0]))
         if route is None:
-            self._reply_json(404, {"error": "no such route: GET %s" % _short(self.path)})
+            self._page("GET", b"")
         else:
             self._reply_json(*self.server.call_json(route, b""))
+
+    def _page(self, verb, body):
+        path, _, query = self.path.partition("?")
+        route = self.server.page_route(verb, path)
+        if route is None:
+            self._reply_json(404, {"error": "no such route: %s %s" % (verb, _short(path))})
+            return
+        status, body, content_type, headers = self.server.call_page(
+            route, PageRequest(verb, path, query, self.headers, body))
+        self._reply(status, body, content_type, headers=headers)
 
     def _authorized(self):
         if self.server.security.authorized(self.headers.get("Authorization")):
@@ -618,8 +657,11 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
     hold a thousand threads); it is closed after ``read_timeout`` seconds of silence.
 
     Callers use serve_in_thread(), close() and ``address``. The roles fill ``methods``
-    (name -> callable; nothing else is callable) and ``json_routes``
-    ((verb, path) -> callable(request dict) -> (status, reply dict))."""
+    (name -> callable; nothing else is callable), ``json_routes``
+    ((verb, path) -> callable(request dict) -> (status, reply dict)) and ``page_routes``
+    ((verb, path) -> callable(PageRequest) -> (status, body bytes, content type, headers); a
+    path ending in ``*`` matches every path that starts with what precedes it). With ``metrics``
+    set (a Metrics), each XML-RPC call is counted by method and fault code, and timed."""
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
@@ -627,7 +669,7 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
     park_after = 0.25
 
     def __init__(self, listen, security, methods, json_routes=None, max_request=MiB,
-                 read_timeout=30.0):
+                 read_timeout=30.0, page_routes=None, metrics=None):
         _, host, port, _ = parse_address(listen)
         security.check_listen(host)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -636,6 +678,8 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         self.methods = dict(methods)
         self._signatures = {name: inspect.signature(func) for name, func in self.methods.items()}
         self.json_routes = dict(json_routes or {})
+        self.page_routes = dict(page_routes or {})
+        self.metrics = metrics
         self.max_request = max_request
         self.read_timeout = read_timeout
         self._unauthorized_peers = set()  #: peers already logged as unauthorized; guarded by the GIL (set.add)
@@ -761,6 +805,20 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         func = self.methods.get(name)
         if func is None:
             raise BadRequest("unknown method %s" % _short(name))
+        if self.metrics is None:
+            return self._call(func, name, params)
+        began, code = time.monotonic(), INTERNAL
+        try:
+            result = self._call(func, name, params)
+            code = relayed_fault_code(result) if isinstance(result, _RelayedReply) else 0
+            return result
+        except JobschedError as e:
+            code = e.code
+            raise
+        finally:
+            self.metrics.observe_rpc(name, code, time.monotonic() - began)
+
+    def _call(self, func, name, params):
         try:
             self._signatures[name].bind(*params)
         except TypeError as e:
@@ -794,6 +852,25 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
                 raise InternalError("internal error in %s (see the server's log)" % name)
         except JobschedError as e:
             return xmlrpc.client.dumps(xmlrpc.client.Fault(e.code, str(e))).encode("utf-8")
+
+    def page_route(self, verb, path):
+        route = self.page_routes.get((verb, path))
+        if route is None:
+            for (route_verb, pattern), candidate in self.page_routes.items():
+                if route_verb == verb and pattern.endswith("*") and path.startswith(pattern[:-1]):
+                    return candidate
+        return route
+
+    def call_page(self, route, request):
+        """(status, body, content type, headers) of a page route; errors as one line of text."""
+        try:
+            return route(request)
+        except JobschedError as e:
+            status, message = HTTP_STATUS[e.code], str(e)
+        except Exception:
+            log.exception("internal error in %s %s", request.verb, _short(request.path))
+            status, message = 500, "internal error (see the server's log)"
+        return status, (message + "\n").encode("utf-8"), "text/plain; charset=utf-8", ()
 
     def call_json(self, route, body):
         try:
@@ -1296,6 +1373,7 @@ class Worker(_Role):
         self._closed = threading.Event()
         self._beat_now = threading.Event()  # set when a job ends, and by close()
         self._registered = False  # written by the heartbeat thread only
+        self.metrics = Metrics()
         if advertise:
             parse_address(advertise)
         self._lock_file = self._lock_state_dir()
@@ -1308,7 +1386,8 @@ class Worker(_Role):
             self.server = RPCServer(listen, self.security, {
                 "start": self.start, "stop": self.stop, "query": self.query,
                 "output": self.output, "jobs": self.jobs, "info": self.info,
-            }, max_request=max_request, read_timeout=read_timeout)
+            }, max_request=max_request, read_timeout=read_timeout,
+                page_routes={("GET", "/metrics"): lambda request: metrics_reply(worker_metrics(self))})
         except BaseException:
             if self._journal is not None:
                 os.close(self._journal)
@@ -1626,6 +1705,7 @@ class Worker(_Role):
             with self.jobs_lock:
                 self._starting.discard(job_id)
                 self._job_changed.notify_all()
+        self.metrics.inc("jobsched_jobs_started_total")
         log.info("job %s started: %s", job.job_id, " ".join(map(_short, argv)))
         return job.job_id
 
@@ -1703,6 +1783,8 @@ class Worker(_Role):
                 job.signal = -returncode
             job.state = job.stop_reason or ("succeeded" if returncode == 0 else "failed")
             self._running -= 1
+            # Under jobs_lock, so that a scrape sees these bytes in the counter or in the job.
+            self.metrics.job_ended(job.state, job.finished_at - job.started_at, output_bytes)
             self._job_changed.notify_all()
         self._beat_now.set()
         try:
@@ -1843,6 +1925,8 @@ class Scheduler(_Role):
         self._job_order = deque()  # the ids in self._job_index, oldest first
         self._round_robin = 0
         self._closed = threading.Event()
+        self.metrics = Metrics()
+        self._began = time.time()  # jobs that ended before are not counted as finished
         self.server = RPCServer(listen, self.security, {
             "register": self.register, "deregister": self.deregister,
             "heartbeat": self.heartbeat, "start": self.start, "stop": self.stop,
@@ -1855,7 +1939,8 @@ class Scheduler(_Role):
             ("POST", "/query"): self._json_query,
             ("GET", "/workers"): lambda request: (200, {"workers": self.workers()}),
             ("GET", "/jobs"): lambda request: (200, {"jobs": self.jobs()}),
-        }, max_request=max_request, read_timeout=read_timeout)
+        }, max_request=max_request, read_timeout=read_timeout,
+            page_routes=StatusPages(self).routes(), metrics=self.metrics)
         self._threads = []
 
     def start_serving(self):
@@ -2056,6 +2141,7 @@ class Scheduler(_Role):
                     with self.workers_lock:
                         rec.running -= 1
         self._remember((job_id, rec.worker_id))
+        self.metrics.inc("jobsched_jobs_started_total")
         return job_id
 
     def _route(self, ids):
@@ -2120,7 +2206,9 @@ class Scheduler(_Role):
     def query(self, *ids, relay=False):
         """query(job_id) or query(worker_id, job_id): the job's struct (the RPC relays it)."""
         rec, job_id = self._route(ids)
-        return rec.client.call("query", job_id, relay=relay)
+        reply = rec.client.call("query", job_id, relay=relay)
+        self._count_finished([job_end(reply, job_id)])
+        return reply
 
     def output(self, job_id, offset, max_bytes, wait_seconds=0, *, relay=False):
         """The job's output from offset, as the worker's output() answers it.
@@ -2145,7 +2233,21 @@ class Scheduler(_Role):
         # parsed listing allocated (100000 jobs: 150 MB of RSS instead of 15 MB).
         self._remember(*[(job["job_id"].encode().decode(), sys.intern(job["worker_id"]))
                          for job in jobs])
+        self._count_finished([(job["job_id"], job.get("state", ""), job["finished_at"])
+                              for job in jobs if job.get("finished_at", 0) >= self._began])
         return jobs
+
+    def _count_finished(self, ends):
+        """Count each (job_id, state, finished_at) once in jobsched_jobs_finished_total, if the
+        job ended since this scheduler started: it learns of ends only from query and jobs."""
+        self.metrics.inc_once("jobsched_jobs_finished_total", [
+            (job_id, (state,)) for job_id, state, finished_at in filter(None, ends)
+            if finished_at >= self._began])
+
+    def _queued_for_page(self, limit):
+        """The first ``limit`` queued jobs for the status page: structs with job_id, position,
+        reason and what to run. There is no queue yet; the queue fills this in."""
+        return []
 
     # -- JSON routes (the seed's HTTP API) -----------------------------------------------------
 
@@ -2173,6 +2275,685 @@ class Scheduler(_Role):
     def _json_query(self, request):
         self._fields(request, ("job_id",), ("worker_id",))
         return 200, self.query(request["job_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Status page and metrics
+# ---------------------------------------------------------------------------------------------
+
+#: name -> (type, label names, help) of every metric family, in the order they are written
+METRIC_FAMILIES = {
+    "jobsched_workers": ("gauge", ("state",), "Workers the scheduler knows, by state."),
+    "jobsched_worker_slots": ("gauge", ("worker_id", "host"),
+                              "Slots of each worker, as of its last heartbeat."),
+    "jobsched_worker_running": ("gauge", ("worker_id", "host"),
+                                "Jobs running on each worker, as of its last heartbeat and the "
+                                "starts since."),
+    "jobsched_jobs_queued": ("gauge", (), "Jobs waiting in the scheduler's queue."),
+    "jobsched_jobs_running": ("gauge", (), "Jobs running on this worker."),
+    "jobsched_slots": ("gauge", (), "Jobs this worker runs at once, at most."),
+    "jobsched_jobs_started_total": ("counter", (), "Jobs started since this process started."),
+    "jobsched_jobs_finished_total": ("counter", ("state",),
+                                     "Jobs seen ending since this process started, by state."),
+    "jobsched_rpc_requests_total": ("counter", ("method", "code"),
+                                    "XML-RPC requests served, by method and fault code "
+                                    "(0: no fault)."),
+    "jobsched_rpc_duration_seconds": ("histogram", ("method",),
+                                      "Time spent serving an XML-RPC request, by method."),
+    "jobsched_job_duration_seconds": ("histogram", (), "Run time of the jobs that ended."),
+    "jobsched_output_bytes_total": ("counter", (), "Bytes of output the jobs wrote."),
+    "process_resident_memory_bytes": ("gauge", (), "Resident memory size in bytes."),
+    "process_cpu_seconds_total": ("counter", (), "Total user and system CPU time spent in seconds."),
+    "process_open_fds": ("gauge", (), "Number of open file descriptors."),
+    "process_start_time_seconds": ("gauge", (),
+                                   "Start time of the process since unix epoch in seconds."),
+}
+HISTOGRAM_BUCKETS = {
+    "jobsched_rpc_duration_seconds": (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                      0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    "jobsched_job_duration_seconds": (0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+                                      10800.0, 43200.0, 86400.0),
+}
+FINISHED_STATES = ("succeeded", "failed", "stopped", "timeout", "lost")  # always written, 0 or not
+COUNTED_IDS_LIMIT = 100000    # job ids the scheduler remembers as counted in finished_total
+PAGE_JOBS = 100               # finished (and queued) jobs the status page lists
+PAGE_OUTPUT = MiB             # output shown on a job's page: all of it, or the last MiB
+
+
+def escape_label(value):
+    """A label value as the text format wants it: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def label_text(names, values):
+    if not names:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (name, escape_label(value))
+                             for name, value in zip(names, values))
+
+
+def metric_number(value):
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+class Metrics:
+    """One process's counters and histograms for ``GET /metrics``.
+
+    Counters only grow while the process lives: nothing survives a restart (Prometheus reads the
+    drop to zero as one). Callers use inc(), inc_once(), observe_rpc(), job_ended() and
+    samples(). The lock is a leaf: it may be taken under another lock and never takes one."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        #: guards self._counters ((name, label values) -> number), self._histograms ((name,
+        #: label values) -> [count per bucket, +Inf last, then the sum]) and self._counted
+        self._counters = {}
+        self._histograms = {}
+        self._counted, self._counted_order = set(), deque()  # ids inc_once took, oldest first
+        #: the sample lines of a worker by (worker_id, host, slots, running), so that a scrape
+        #: does not format a thousand unchanged workers again; guarded by the GIL (single get,
+        #: set and clear calls)
+        self.worker_lines = {}
+
+    def inc(self, name, labels=(), amount=1):
+        with self.lock:
+            self._counters[name, labels] = self._counters.get((name, labels), 0) + amount
+
+    def inc_once(self, name, items):
+        """Count each (key, label values) of items whose key no earlier call counted (of the
+        last COUNTED_IDS_LIMIT keys)."""
+        if not items:
+            return
+        with self.lock:
+            for key, labels in items:
+                if key in self._counted:
+                    continue
+                self._counted.add(key)
+                self._counted_order.append(key)
+                if len(self._counted_order) > COUNTED_IDS_LIMIT:
+                    self._counted.discard(self._counted_order.popleft())
+                self._counters[name, labels] = self._counters.get((name, labels), 0) + 1
+
+    def _observe(self, name, labels, value):  # under self.lock
+        counts = self._histograms.get((name, labels))
+        if counts is None:
+            counts = self._histograms[name, labels] = [0] * (len(HISTOGRAM_BUCKETS[name]) + 1) + [0.0]
+        counts[bisect.bisect_left(HISTOGRAM_BUCKETS[name], value)] += 1
+        counts[-1] += value
+
+    def observe_rpc(self, method, code, seconds):
+        with self.lock:
+            key = ("jobsched_rpc_requests_total", (method, str(code)))
+            self._counters[key] = self._counters.get(key, 0) + 1
+            self._observe("jobsched_rpc_duration_seconds", (method,), seconds)
+
+    def job_ended(self, state, seconds, output_bytes):
+        with self.lock:
+            key = ("jobsched_jobs_finished_total", (state,))
+            self._counters[key] = self._counters.get(key, 0) + 1
+            self._observe("jobsched_job_duration_seconds", (), max(0.0, seconds))
+            key = ("jobsched_output_bytes_total", ())
+            self._counters[key] = self._counters.get(key, 0) + output_bytes
+
+    def samples(self, counters=(), histograms=()):
+        """{family: [(suffix, labels text, value)]} of what was counted, with the families named
+        in counters and histograms present even when nothing was counted yet."""
+        with self.lock:
+            counted = dict(self._counters)
+            observed = {key: list(counts) for key, counts in self._histograms.items()}
+        samples = {name: [] for name in tuple(counters) + tuple(histograms)}
+        for (name, labels), value in sorted(counted.items()):
+            samples.setdefault(name, []).append(("", label_text(METRIC_FAMILIES[name][1], labels),
+                                                 value))
+        for (name, labels), counts in sorted(observed.items()):
+            names, rows, total = METRIC_FAMILIES[name][1] + ("le",), samples.setdefault(name, []), 0
+            for bound, count in zip(HISTOGRAM_BUCKETS[name] + (float("inf"),), counts):
+                total += count
+                rows.append(("_bucket", label_text(names, labels + (metric_number(bound),)), total))
+            rows.append(("_sum", label_text(names[:-1], labels), counts[-1]))
+            rows.append(("_count", label_text(names[:-1], labels), total))
+        return samples
+
+
+_RELAYED_FINISHED_AT = re.compile(
+    rb"<name>finished_at</name>\s*<value>\s*<(?:double|int|i4|i8)>\s*([-+0-9.eE]{1,40})<")
+_RELAYED_STATE = re.compile(rb"<name>state</name>\s*<value>\s*(?:<string>)?([A-Za-z_]{1,40})<")
+
+
+def job_end(reply, job_id):
+    """(job_id, state, finished_at) from a query's answer, a struct or a relayed reply; None
+    while the job has not ended."""
+    if isinstance(reply, dict):
+        return (job_id, reply.get("state", ""), reply["finished_at"]) if "finished_at" in reply else None
+    finished_at = _RELAYED_FINISHED_AT.search(reply)
+    if finished_at is None:
+        return None
+    state = _RELAYED_STATE.search(reply)
+    return job_id, state.group(1).decode() if state else "", float(finished_at.group(1))
+
+
+@functools.lru_cache(maxsize=None)
+def _process_start_time():
+    try:  # Linux: clock ticks after boot (field 22 of stat) plus the boot time
+        with open("/proc/self/stat", "rb") as f:
+            ticks = int(f.read().rpartition(b")")[2].split()[19])
+        with open("/proc/stat", "rb") as f:
+            boot = int(next(line for line in f if line.startswith(b"btime ")).split()[1])
+        return boot + ticks / float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT  # elsewhere: when jobsched was imported, close enough for a server
+
+
+_IMPORTED_AT = time.time()
+
+
+def process_samples():
+    """The process_* families every Prometheus client library writes (Linux: from /proc)."""
+    times = os.times()
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # macOS: the peak, in bytes there
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = len(os.listdir("/dev/fd"))
+    return {"process_resident_memory_bytes": [("", "", rss)],
+            "process_cpu_seconds_total": [("", "", times[0] + times[1])],
+            "process_open_fds": [("", "", fds)],
+            "process_start_time_seconds": [("", "", _process_start_time())]}
+
+
+def metrics_text(samples):
+    """The Prometheus text format 0.0.4 of {family: [(suffix, labels text, value)] or
+    [sample line, ...]}."""
+    out = []
+    for name, (kind, _, help_text) in METRIC_FAMILIES.items():
+        rows = samples.get(name)
+        if rows is None:
+            continue
+        out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, help_text, name, kind))
+        out.extend([row if isinstance(row, str) else
+                    "%s%s%s %s\n" % (name, row[0], row[1], metric_number(row[2])) for row in rows])
+    return "".join(out).encode("utf-8")
+
+
+def metrics_reply(text):
+    return 200, text, "text/plain; version=0.0.4; charset=utf-8", (("Cache-Control", "no-store"),)
+
+
+def _queued_count(scheduler):
+    queue = getattr(scheduler, "queue", None)
+    return None if queue is None else len(queue)
+
+
+def scheduler_metrics(scheduler):
+    now = time.time()
+    with scheduler.workers_lock:
+        keys = [(rec.worker_id, rec.hostname or rec.address or "", rec.slots, rec.running)
+                for rec in scheduler._workers.values()]
+        online = sum(rec.online(now) for rec in scheduler._workers.values())
+    samples = scheduler.metrics.samples(
+        ("jobsched_jobs_started_total", "jobsched_rpc_requests_total"),
+        ("jobsched_rpc_duration_seconds",))
+    samples["jobsched_workers"] = [("", '{state="online"}', online),
+                                   ("", '{state="offline"}', len(keys) - online)]
+    cache = scheduler.metrics.worker_lines
+    if len(cache) > 2 * len(keys) + 1000:  # slot counts changed since: start afresh
+        cache.clear()
+    lines = [cache.get(key) or cache.setdefault(key, _worker_lines(*key)) for key in keys]
+    samples["jobsched_worker_slots"] = [line[0] for line in lines]
+    samples["jobsched_worker_running"] = [line[1] for line in lines]
+    queued = _queued_count(scheduler)
+    if queued is not None:
+        samples["jobsched_jobs_queued"] = [("", "", queued)]
+    _zero_finished_states(samples)
+    samples.update(process_samples())
+    return metrics_text(samples)
+
+
+def _worker_lines(worker_id, host, slots, running):
+    labels = '{worker_id="%s",host="%s"}' % (escape_label(worker_id), escape_label(host))
+    return ("jobsched_worker_slots%s %d\n" % (labels, slots),
+            "jobsched_worker_running%s %d\n" % (labels, running))
+
+
+def worker_metrics(worker):
+    with worker.jobs_lock:  # the counter and the running jobs' files, from the same instant
+        running = [job.job_id for job in worker._jobs.values() if not job.done]
+        samples = worker.metrics.samples(
+            ("jobsched_jobs_started_total", "jobsched_output_bytes_total"),
+            ("jobsched_job_duration_seconds",))
+        slots = worker.slots
+    samples["jobsched_jobs_running"] = [("", "", len(running))]
+    samples["jobsched_slots"] = [("", "", slots)]
+    ended = samples["jobsched_output_bytes_total"]
+    growing = sum(worker._output_size(job_id) for job_id in running)
+    samples["jobsched_output_bytes_total"] = [("", "", (ended[0][2] if ended else 0) + growing)]
+    _zero_finished_states(samples)
+    samples.update(process_samples())
+    return metrics_text(samples)
+
+
+def _zero_finished_states(samples):
+    rows = samples.setdefault("jobsched_jobs_finished_total", [])
+    seen = {labels for _, labels, _ in rows}
+    rows.extend(("", labels, 0) for labels in ('{state="%s"}' % state for state in FINISHED_STATES)
+                if labels not in seen)
+    rows.sort()
+
+
+# -- the browser pages ------------------------------------------------------------------------
+
+_PAGE_STYLE = """
+:root { color-scheme: light dark; --bad: #b00020; --bad-bg: #fde7ea; --ok: #1b7f3b;
+        --muted: #666; --line: #ddd; --head: #f4f4f4; }
+@media (prefers-color-scheme: dark) {
+  :root { --bad: #ff8a80; --bad-bg: #4a1c20; --ok: #7bd88f; --muted: #aaa; --line: #444;
+          --head: #222; }
+}
+body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
+       padding: 0 12px 24px; max-width: 1400px; }
+header { display: flex; gap: 12px; align-items: baseline; padding: 10px 0;
+         border-bottom: 1px solid var(--line); }
+header a { font-weight: bold; font-size: 18px; text-decoration: none; }
+h1 { font-size: 18px; word-break: break-all; } h2 { font-size: 16px; margin: 20px 0 6px; }
+.muted, .when { color: var(--muted); font-size: 12px; }
+.summary { font-size: 15px; } .summary b { font-size: 18px; }
+.scroll { overflow-x: auto; -webkit-overflow-scrolling: touch; }
+table { border-collapse: collapse; min-width: 100%; }
+th, td { text-align: left; padding: 4px 10px 4px 0; border-bottom: 1px solid var(--line);
+         white-space: nowrap; vertical-align: top; }
+th { background: var(--head); font-weight: 600; }
+td.cmd { font-family: ui-monospace, Menlo, Consolas, monospace; max-width: 40em;
+         overflow: hidden; text-overflow: ellipsis; }
+tr.bad td { background: var(--bad-bg); } .bad, tr.bad td.state { color: var(--bad); font-weight: bold; }
+.ok { color: var(--ok); } .off { color: var(--muted); }
+table.struct th { width: 1%; }
+table.struct td { white-space: pre-wrap; word-break: break-all; font-family: ui-monospace, Menlo, monospace; }
+pre#output { white-space: pre-wrap; word-break: break-all; padding: 8px; margin: 0;
+             border: 1px solid var(--line); background: var(--head); min-height: 2em;
+             font: 12px/1.35 ui-monospace, Menlo, Consolas, monospace; }
+form { display: inline; } button { font-size: 14px; padding: 4px 14px; }
+"""
+
+_PAGE_SCRIPT = """
+"use strict";
+(function () {
+  var main = document.getElementById("main");
+  function get(path, accept) {
+    /* location.origin: a URL that carries user:token@ may not be fetched */
+    return fetch(location.origin + path, {headers: {"Accept": accept}, cache: "no-store",
+                                          credentials: "same-origin"});
+  }
+  function swap(html) {
+    var page = new DOMParser().parseFromString(html, "text/html");
+    var fresh = page.getElementById("main");
+    if (!fresh) { return; }
+    document.title = page.title;
+    var wide = main.querySelectorAll(".scroll"), left = [], i;
+    for (i = 0; i < wide.length; i++) { left.push(wide[i].scrollLeft); }
+    main.innerHTML = fresh.innerHTML;
+    wide = main.querySelectorAll(".scroll");
+    for (i = 0; i < wide.length && i < left.length; i++) { wide[i].scrollLeft = left[i]; }
+  }
+  function reload() {
+    return get(location.pathname, "text/html").then(function (reply) {
+      if (!reply.ok) { throw new Error("HTTP " + reply.status); }
+      return reply.text();
+    }).then(swap);
+  }
+  function refresh() {
+    var selecting = String(window.getSelection()).length > 0;  /* keep what is being copied */
+    (selecting ? Promise.resolve() : reload()).catch(function () {}).then(function () {
+      setTimeout(refresh, 2000);
+    });
+  }
+  function follow(output) {
+    var offset = Number(output.getAttribute("data-offset")), shown = output.textContent.length;
+    var decoder = new TextDecoder("utf-8"), url = output.getAttribute("data-follow");
+    function next() {
+      get(url + "?wait=10&offset=" + offset, "text/plain").then(function (reply) {
+        if (!reply.ok) { throw new Error("HTTP " + reply.status); }
+        var eof = reply.headers.get("X-Jobsched-Eof") === "1";
+        offset = Number(reply.headers.get("X-Jobsched-Offset"));
+        return reply.arrayBuffer().then(function (data) {
+          var text = decoder.decode(data, {stream: !eof});
+          var atEnd = window.innerHeight + window.scrollY >= document.body.scrollHeight - 8;
+          if (text) { output.appendChild(document.createTextNode(text)); shown += text.length; }
+          if (shown > 2 * 1048576) {  /* keep the page light: the last MiB or so */
+            output.textContent = output.textContent.slice(-1048576);
+            shown = output.textContent.length;
+          }
+          if (atEnd && text) { window.scrollTo(window.scrollX, document.body.scrollHeight); }
+          if (eof) { return reload(); }
+          next();
+        });
+      }).catch(function () { setTimeout(next, 1000); });
+    }
+    next();
+  }
+  if (main.getAttribute("data-refresh")) { setTimeout(refresh, 2000); }
+  var output = document.getElementById("output");
+  if (output && output.getAttribute("data-follow")) { follow(output); }
+})();
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>%(title)s</title>
+%(noscript)s<style>%(style)s</style>
+</head>
+<body>
+<header><a href="/">jobsched</a><span class="muted">%(heading)s</span></header>
+<main id="main"%(refresh)s>
+%(main)s
+</main>
+<script>%(script)s</script>
+</body>
+</html>
+"""
+
+
+def _csp_hash(text):
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+
+
+#: headers of every page: only the page's own style and script run, nothing loads from elsewhere
+PAGE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src %s; style-src %s; "
+     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+     % (_csp_hash(_PAGE_SCRIPT), _csp_hash(_PAGE_STYLE))),
+    ("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"), ("Cache-Control", "no-store"),
+)
+
+
+def _page(status, title, main, heading="", refresh=False, reload=False):
+    """A whole page. refresh: its script fetches it again every 2 s and swaps <main>; refresh
+    or reload: without JavaScript, the browser reloads it every 2 s."""
+    text = _PAGE % {
+        "title": html.escape(title), "heading": html.escape(heading), "main": main,
+        "noscript": ('<noscript><meta http-equiv="refresh" content="2"></noscript>\n'
+                     if refresh or reload else ""),
+        "refresh": ' data-refresh="2"' if refresh else "", "style": _PAGE_STYLE,
+        "script": _PAGE_SCRIPT}
+    return status, text.encode("utf-8", "replace"), "text/html; charset=utf-8", PAGE_HEADERS
+
+
+def _when(seconds):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
+
+
+def _duration(seconds):
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return "%.1f s" % seconds
+    if seconds < 3600:
+        return "%d m %02d s" % divmod(int(seconds), 60)
+    return "%d h %02d m" % divmod(int(seconds) // 60, 60)
+
+
+def _job_line(job):
+    """The job's name if it has one, else its command line."""
+    if job.get("name"):
+        return str(job["name"])
+    return " ".join([str(job.get("command", ""))] + ([job["path"]] if job.get("path") else [])
+                    + [str(a) for a in job.get("args", [])])
+
+
+def _exit(job):
+    if "exit_code" in job:
+        return str(job["exit_code"])
+    return "signal %s" % job["signal"] if "signal" in job else "-"
+
+
+def _bad(job):
+    return job.get("done") and job.get("state") not in ("succeeded", "stopped")
+
+
+def cluster_summary(workers, jobs, queued, now):
+    """The one-screen figures of `status` and the status page."""
+    online = [w for w in workers if w.get("online")]
+    last_hour = [j for j in jobs if j.get("done") and j.get("finished_at", 0) >= now - 3600]
+    return {
+        "workers_online": len(online), "workers_total": len(workers),
+        "slots_busy": sum(max(0, w.get("running", 0)) for w in online),
+        "slots_total": sum(w.get("slots", 0) for w in online),
+        "jobs_queued": queued, "jobs_running": sum(j.get("state") == "running" for j in jobs),
+        "succeeded_last_hour": sum(j["state"] == "succeeded" for j in last_hour),
+        "failed_last_hour": sum(bool(_bad(j)) for j in last_hour),
+        "stopped_last_hour": sum(j["state"] == "stopped" for j in last_hour),
+    }
+
+
+def _table(headings, rows):
+    """rows: [(row class, [cell html, ...])]; cells are already escaped."""
+    out = ['<div class="scroll"><table>\n<tr>%s</tr>\n' % "".join("<th>%s</th>" % h for h in headings)]
+    for css, cells in rows:
+        out.append('<tr%s>%s</tr>\n' % (' class="%s"' % css if css else "", "".join(cells)))
+    if not rows:
+        out.append('<tr><td class="muted" colspan="%d">none</td></tr>\n' % len(headings))
+    out.append("</table></div>\n")
+    return "".join(out)
+
+
+def _labels_text(labels):
+    if isinstance(labels, dict):
+        return ", ".join("%s=%s" % item for item in sorted(labels.items()))
+    if isinstance(labels, (list, tuple)):
+        return ", ".join(map(str, labels))
+    return str(labels)
+
+
+def _job_link(job_id):
+    return '<a href="/jobs/%s" title="%s">%s</a>' % (
+        html.escape(urllib.parse.quote(job_id, safe="")), html.escape(job_id), html.escape(job_id[:8]))
+
+
+class StatusPages:
+    """The scheduler's routes for people and for Prometheus.
+
+    ``GET /``: the status page. ``GET /jobs/JOB_ID``: the job's page if the client accepts
+    text/html, else its JSON struct. ``GET /jobs/JOB_ID/output?offset=N&wait=S``: its raw output
+    from offset N (up to 1 MiB), waiting up to S seconds for some, with X-Jobsched-Offset and
+    X-Jobsched-Eof headers. ``POST /jobs/JOB_ID/stop``: stop it (a browser is sent back to the
+    job's page). ``GET /metrics``. All of them behind the same token and TLS as the RPCs."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def routes(self):
+        return {("GET", "/"): self.index, ("GET", "/jobs/*"): self.job,
+                ("POST", "/jobs/*"): self.stop,
+                ("GET", "/metrics"): lambda request: metrics_reply(scheduler_metrics(self.scheduler))}
+
+    def index(self, request):
+        scheduler, now = self.scheduler, time.time()
+        workers, jobs = scheduler.workers(), scheduler.jobs()
+        queued = _queued_count(scheduler)
+        summary = cluster_summary(workers, jobs, queued or 0, now)
+        names = {w["worker_id"]: '%s <span class="muted">%s</span>' % (
+            html.escape(w.get("hostname", "")), html.escape(w["worker_id"][:8])) for w in workers}
+        failed = summary["failed_last_hour"]
+        out = ['<p class="summary">workers <b>%(workers_online)d</b>/%(workers_total)d online'
+               ' &middot; slots <b>%(slots_busy)d</b>/%(slots_total)d busy' % summary,
+               ' &middot; <b>%d</b> queued' % summary["jobs_queued"] if queued is not None else "",
+               ' &middot; <b>%(jobs_running)d</b> running &middot; last hour: '
+               '<b>%(succeeded_last_hour)d</b> succeeded, ' % summary,
+               '<b%s>%d</b> failed</p>\n' % (' class="bad"' if failed else "", failed),
+               '<p class="when">as of %s &middot; refreshes every 2 s &middot; <a href="/">reload'
+               '</a> &middot; <a href="/metrics">metrics</a></p>\n' % _when(now)]
+
+        labelled = any(w.get("labels") for w in workers)
+        rows = []
+        for w in workers:
+            cells = ['<td title="%s">%s</td>' % (html.escape(w["worker_id"]), names[w["worker_id"]]),
+                     '<td class="%s">%s</td>' % (("ok", "online") if w.get("online") else ("bad", "offline")),
+                     "<td>%s</td>" % html.escape(str(w.get("address", "")))]
+            if labelled:
+                cells.append("<td>%s</td>" % html.escape(_labels_text(w.get("labels") or "")))
+            cells += ["<td>%s/%s</td>" % (w.get("running", 0), w.get("slots", 0)),
+                      "<td>%s ago</td>" % _duration(now - w.get("last_seen", now)),
+                      "<td>%s</td>" % html.escape(str(w.get("version", "")))]
+            rows.append(("" if w.get("online") else "off", cells))
+        out.append("<h2>Workers (%d)</h2>\n" % len(workers))
+        out.append(_table(["worker", "state", "address"] + (["labels"] if labelled else [])
+                          + ["slots used", "last seen", "version"], rows))
+
+        if queued is not None:
+            rows = [("", ["<td>%s</td>" % html.escape(str(q.get("position", i + 1))),
+                          "<td>%s</td>" % _job_link(str(q.get("job_id", ""))),
+                          '<td class="cmd">%s</td>' % html.escape(_job_line(q)),
+                          "<td>%s</td>" % html.escape(str(q.get("reason", "")))])
+                    for i, q in enumerate(scheduler._queued_for_page(PAGE_JOBS))]
+            out.append("<h2>Queue (%d, the first %d shown)</h2>\n" % (queued, PAGE_JOBS)
+                       if queued > PAGE_JOBS else "<h2>Queue (%d)</h2>\n" % queued)
+            out.append(_table(["#", "job", "name or command", "reason"], rows))
+
+        def job_rows(selected):
+            return [("bad" if _bad(j) else "", [
+                "<td>%s</td>" % _job_link(j["job_id"]),
+                '<td class="cmd" title="%s">%s</td>' % ((html.escape(_job_line(j)),) * 2),
+                "<td>%s</td>" % (names.get(j.get("worker_id"))
+                                 or html.escape(str(j.get("worker_id", ""))[:8])),
+                '<td class="state">%s</td>' % html.escape(str(j.get("state", ""))),
+                "<td>%s</td>" % html.escape(_exit(j)),
+                "<td>%s</td>" % _when(j.get("started_at")),
+                "<td>%s</td>" % _duration((j.get("finished_at") or now) - j.get("started_at", now)),
+            ]) for j in selected]
+        columns = ["job", "name or command", "worker", "state", "exit", "started", "duration"]
+        running = sorted((j for j in jobs if not j.get("done") and j.get("state") != "queued"),
+                         key=lambda j: j.get("started_at", 0))
+        finished = [j for j in jobs if j.get("done")]
+        latest = sorted(finished, key=lambda j: j.get("finished_at", 0), reverse=True)[:PAGE_JOBS]
+        out.append("<h2>Running (%d)</h2>\n" % len(running))
+        out.append(_table(columns, job_rows(running)))
+        out.append("<h2>Finished (the latest %d of %d)</h2>\n" % (len(latest), len(finished)))
+        out.append(_table(columns, job_rows(latest)))
+        title = "jobsched: %(workers_online)d/%(workers_total)d workers, %(jobs_running)d running" % summary
+        return _page(200, title, "".join(out), heading=scheduler.address, refresh=True)
+
+    @staticmethod
+    def _job_path(request, tails):
+        job_id, _, tail = request.path[len("/jobs/"):].partition("/")
+        if not job_id or tail not in tails:
+            raise NotFound("no such route: %s %s" % (request.verb, _short(request.path)))
+        return job_id, tail
+
+    def job(self, request):
+        if request.path.endswith("/output"):
+            return self.output(request)
+        try:
+            job_id, _ = self._job_path(request, ("",))
+            job = self.scheduler.query(job_id)
+        except JobschedError as e:
+            return self._error(request, e)
+        if not request.accepts_html():
+            return 200, json.dumps(job).encode("utf-8"), "application/json", ()
+        return self._job_page(job)
+
+    def _job_page(self, job):
+        job_id, running = job["job_id"], not job.get("done")
+        size = int(job.get("output_bytes", 0))
+        start = max(0, size - PAGE_OUTPUT)
+        try:
+            reply = self.scheduler.output(job_id, start, PAGE_OUTPUT) if size else None
+            data, offset = (reply["data"].data, int(reply["offset"])) if reply else (b"", 0)
+        except JobschedError as e:
+            data, offset = ("(output unavailable: %s)" % e).encode(), start
+        skip = 0  # the tail starts mid-character: drop its continuation bytes
+        while start and skip < min(3, len(data)) and 0x80 <= data[skip] < 0xC0:
+            skip += 1
+        if running:  # follow from the start of a character the next read completes
+            cut = len(data) - _incomplete_utf8_tail(data)
+            offset -= len(data) - cut
+            data = data[:cut]
+        text = data[skip:].decode("utf-8", "replace")
+        state = str(job.get("state", ""))
+        out = ['<h1>Job %s <span class="state%s">%s</span></h1>\n' % (
+            html.escape(job_id), " bad" if _bad(job) else "", html.escape(state))]
+        if running or state == "queued":
+            out.append('<form method="post" action="/jobs/%s/stop"><button type="submit">Stop'
+                       '</button></form>\n' % html.escape(urllib.parse.quote(job_id, safe="")))
+        rows = []
+        for key in sorted(job):
+            value = job[key]
+            shown = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
+            if key.endswith("_at") and isinstance(value, (int, float)):
+                shown = "%s (%s)" % (value, _when(value))
+            rows.append("<tr><th>%s</th><td>%s</td></tr>\n" % (html.escape(key), html.escape(shown)))
+        out.append('<div class="scroll"><table class="struct">\n%s</table></div>\n' % "".join(rows))
+        out.append("<h2>Output</h2>\n")
+        if start:
+            out.append('<p class="muted">The output is %d bytes; this is its last MiB. All of it: '
+                       '<code>jobsched.py logs %s</code></p>\n' % (size, html.escape(job_id)))
+        follow = (' data-follow="/jobs/%s/output" data-offset="%d"'
+                  % (html.escape(urllib.parse.quote(job_id, safe="")), offset) if running else "")
+        out.append('<pre id="output"%s>%s</pre>\n' % (follow, html.escape(text)))
+        return _page(200, "job %s %s" % (job_id[:8], state), "".join(out),
+                     heading=self.scheduler.address, reload=running)
+
+    def output(self, request):
+        try:
+            job_id, _ = self._job_path(request, ("output",))
+            try:
+                offset = bounded_int(request.query.get("offset", "0"))
+                wait = float(request.query.get("wait", "0"))
+            except ValueError:
+                raise BadRequest("offset must be a whole number and wait a number of seconds")
+            reply = self.scheduler.output(job_id, offset, MAX_OUTPUT_CHUNK, wait)
+        except JobschedError as e:
+            return self._error(request, e)
+        return 200, reply["data"].data, "text/plain; charset=utf-8", PAGE_HEADERS + (
+            ("X-Jobsched-Offset", str(int(reply["offset"]))),
+            ("X-Jobsched-Eof", "1" if reply["eof"] else "0"))
+
+    def stop(self, request):
+        try:
+            job_id, _ = self._job_path(request, ("stop",))
+            origin = request.headers.get("Origin")
+            host = request.headers.get("Host", "")
+            if (origin is not None and origin not in ("http://" + host, "https://" + host)) or \
+                    request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+                return self._error(request, BadRequest("refused: the request came from another "
+                                                       "site"), status=403)
+            stopped = self.scheduler.stop(job_id)
+        except JobschedError as e:
+            return self._error(request, e)
+        if request.accepts_html():
+            return 303, b"", "text/plain", (("Location", "/jobs/" + urllib.parse.quote(job_id, safe="")),)
+        return 200, json.dumps({"success": stopped}).encode("utf-8"), "application/json", ()
+
+    def _error(self, request, error, status=None):
+        status = status or HTTP_STATUS[error.code]
+        if request.accepts_html():
+            return _page(status, "jobsched: error", '<p class="bad">%s</p>\n<p><a href="/">back to '
+                         'the status page</a></p>\n' % html.escape(str(error)),
+                         heading=self.scheduler.address)
+        return status, json.dumps({"error": str(error)}).encode("utf-8"), "application/json", ()
+
+
+def _incomplete_utf8_tail(data):
+    """How many bytes at the end of data begin a UTF-8 character that is not complete yet."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80 or byte >= 0xF8:
+            return 0
+        if byte >= 0xC0:  # a lead byte: how long its character is
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return back if need > back else 0
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2768,6 +3549,46 @@ def cmd_workers(args):
     return 0
 
 
+def _status_screen(client, as_json):
+    info, workers, jobs = client.info(), client.workers(), client.jobs()
+    queued = info["queued"] if isinstance(info.get("queued"), int) else \
+        sum(j.get("state") == "queued" for j in jobs)
+    now = time.time()
+    summary = cluster_summary(workers, jobs, queued, now)
+    if as_json:
+        return json.dumps(dict(summary, workers=workers), indent=2, sort_keys=True) + "\n"
+    lines = ["workers %(workers_online)d/%(workers_total)d online   slots %(slots_busy)d/"
+             "%(slots_total)d busy   jobs %(jobs_queued)d queued, %(jobs_running)d running   "
+             "last hour %(succeeded_last_hour)d succeeded, %(failed_last_hour)d failed" % summary,
+             ""]
+    table = [["WORKER_ID", "ADDRESS", "ONLINE", "SLOTS", "HOSTNAME", "LAST SEEN"]]
+    table += [[w["worker_id"], w.get("address", ""), "yes" if w.get("online") else "no",
+               "%s/%s" % (w.get("running", 0), w.get("slots", 0)), w.get("hostname", ""),
+               "%.1f s ago" % max(0.0, now - w.get("last_seen", now))] for w in workers]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+              for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_status(args):
+    client = _client_from_args(args)
+    if not args.watch:
+        sys.stdout.write(_status_screen(client, args.json))
+        return 0
+    try:
+        while True:
+            try:
+                screen = _status_screen(client, args.json)
+            except JobschedError as e:  # keep watching: the scheduler may come back
+                screen = "jobsched: error: %s\n" % e
+            sys.stdout.write(screen if args.json else "\033[H\033[2J" + screen)
+            sys.stdout.flush()
+            time.sleep(2.0)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_demo(args):
     """A scheduler and two workers on free loopback ports, in this process, then gone."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -2921,6 +3742,10 @@ def build_parser():
                      help="only the N most recently started")
     sub = command("workers", "list the workers", cmd_workers)
     sub.add_argument("--json", action="store_true", help="print JSON")
+    sub = command("status", "one screen: workers, slots, queued and running jobs, the last hour",
+                  cmd_status)
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_argument("--watch", action="store_true", help="redraw every 2 s until Ctrl-C")
     command("demo", "start a scheduler and two workers on loopback, run jobs, clean up", cmd_demo, ())
     return parser
 

@@ -4,6 +4,7 @@ Run: python3 -m unittest -v test_jobsched
 """
 
 import base64
+import hashlib
 import http.client
 import http.server
 import json
@@ -2932,6 +2933,648 @@ class PopenSpawnTest(SpawnPathTests, ClusterTestCase):
                      "posix_spawn through ctypes needs Linux with glibc 2.26 or newer")
 class PosixSpawnTest(SpawnPathTests, ClusterTestCase):
     spawn_method = "posix_spawn"
+
+
+# ---------------------------------------------------------------------------------------------
+# Status page and metrics
+# ---------------------------------------------------------------------------------------------
+
+SCHEDULER_METRICS = {
+    "jobsched_workers", "jobsched_worker_slots", "jobsched_worker_running",
+    "jobsched_jobs_started_total", "jobsched_jobs_finished_total", "jobsched_rpc_requests_total",
+    "jobsched_rpc_duration_seconds", "process_resident_memory_bytes", "process_cpu_seconds_total",
+    "process_open_fds", "process_start_time_seconds"}
+WORKER_METRICS = {
+    "jobsched_jobs_running", "jobsched_slots", "jobsched_jobs_started_total",
+    "jobsched_jobs_finished_total", "jobsched_job_duration_seconds", "jobsched_output_bytes_total",
+    "process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+    "process_start_time_seconds"}
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL_VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'
+_SAMPLE = re.compile(r"(%s)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*=%s(?:,[a-zA-Z_][a-zA-Z0-9_]*=%s)*)?\})? "
+                     r"(-?[0-9.e+-]+|[+-]Inf|NaN)\Z" % (_METRIC_NAME, _LABEL_VALUE, _LABEL_VALUE))
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)=("(?:[^"\\\n]|\\[\\"n])*")')
+
+
+def parse_metrics(text):
+    """Check text against the Prometheus text format 0.0.4 strictly; returns ({family: type},
+    {(sample name, ((label, value), ...)): value}) with label values unescaped."""
+    types, samples, family = {}, {}, None
+    if not text.endswith("\n"):
+        raise AssertionError("the exposition must end with a newline")
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            family = line.split(" ")[2]
+            if family in types:
+                raise AssertionError("family %s written twice" % family)
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            if name != family or kind not in ("counter", "gauge", "histogram"):
+                raise AssertionError("bad TYPE line %r" % line)
+            types[name] = kind
+        else:
+            match = _SAMPLE.match(line)
+            if match is None:
+                raise AssertionError("not a sample line: %r" % line)
+            name, labels = match.group(1), match.group(2) or ""
+            suffixes = ("_bucket", "_sum", "_count") if types.get(family) == "histogram" else ("",)
+            if name not in [family + suffix for suffix in suffixes]:
+                raise AssertionError("sample %s outside its family %s" % (name, family))
+            pairs = tuple((key, json.loads(value)) for key, value in _LABEL.findall(labels))
+            if (name, pairs) in samples:
+                raise AssertionError("sample written twice: %r" % line)
+            samples[name, pairs] = float(match.group(3))
+    for name, kind in types.items():
+        if kind != "histogram":
+            continue
+        series = {}
+        for (sample, pairs), value in samples.items():
+            if sample == name + "_bucket":
+                rest = tuple(p for p in pairs if p[0] != "le")
+                series.setdefault(rest, []).append((float(dict(pairs)["le"]), value))
+        for rest, buckets in series.items():
+            counts = [value for _, value in sorted(buckets)]
+            if counts != sorted(counts) or sorted(buckets)[-1][0] != float("inf"):
+                raise AssertionError("%s%r: buckets not cumulative up to +Inf" % (name, rest))
+            if samples[name + "_count", rest] != counts[-1]:
+                raise AssertionError("%s%r: _count is not the +Inf bucket" % (name, rest))
+    return types, samples
+
+
+def scrape(address, token=None, path="/metrics", scheme="http", context=None):
+    """(status, headers, body text) of GET path; the token goes as a Bearer token."""
+    headers = {"Authorization": "Bearer " + token} if token else {}
+    request = urllib.request.Request("%s://%s%s" % (scheme, address, path), headers=headers)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(request, timeout=30) as reply:
+            return reply.status, reply.headers, reply.read().decode("utf-8")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, e.headers, e.read().decode("utf-8")
+        finally:
+            e.close()
+
+
+def metric(samples, name, **labels):
+    return samples.get((name, tuple(labels.items())))
+
+
+class MetricsFormatTest(ClusterTestCase):
+    """The text format, checked in Python (always runs): names, types, escaping, histograms."""
+
+    def test_label_values_are_escaped(self):
+        self.assertEqual(jobsched.escape_label('a"b\\c\nd'), 'a\\"b\\\\c\\nd')
+        metrics = jobsched.Metrics()
+        metrics.inc("jobsched_rpc_requests_total", ('we"ird\\\n', "0"))
+        text = jobsched.metrics_text(metrics.samples()).decode()
+        self.assertIn('jobsched_rpc_requests_total{method="we\\"ird\\\\\\n",code="0"} 1\n', text)
+        _, samples = parse_metrics(text)
+        self.assertEqual(metric(samples, "jobsched_rpc_requests_total", method='we"ird\\\n',
+                                code="0"), 1)
+
+    def test_histograms_are_cumulative_with_sum_and_count(self):
+        metrics = jobsched.Metrics()
+        for seconds in (0.0001, 0.0005, 0.003, 2.0, 100.0):
+            metrics.observe_rpc("start", 0, seconds)
+        metrics.observe_rpc("start", 3, 0.5)
+        text = jobsched.metrics_text(metrics.samples()).decode()
+        types, samples = parse_metrics(text)
+        self.assertEqual(types["jobsched_rpc_duration_seconds"], "histogram")
+        bucket = lambda le: metric(samples, "jobsched_rpc_duration_seconds_bucket",
+                                   method="start", le=le)
+        self.assertEqual([bucket("0.0005"), bucket("0.005"), bucket("0.5"), bucket("2.5"),
+                          bucket("60.0"), bucket("+Inf")], [2, 3, 4, 5, 5, 6])
+        self.assertEqual(metric(samples, "jobsched_rpc_duration_seconds_count", method="start"), 6)
+        self.assertAlmostEqual(metric(samples, "jobsched_rpc_duration_seconds_sum",
+                                      method="start"), 102.5036)
+        self.assertEqual(metric(samples, "jobsched_rpc_requests_total", method="start", code="3"), 1)
+
+    def test_each_job_is_counted_once_and_only_if_it_ended_since_the_start(self):
+        metrics = jobsched.Metrics()
+        metrics.inc_once("jobsched_jobs_finished_total", [("a", ("failed",)), ("b", ("failed",))])
+        metrics.inc_once("jobsched_jobs_finished_total", [("a", ("failed",)), ("c", ("lost",))])
+        _, samples = parse_metrics(jobsched.metrics_text(metrics.samples()).decode())
+        self.assertEqual(metric(samples, "jobsched_jobs_finished_total", state="failed"), 2)
+        self.assertEqual(metric(samples, "jobsched_jobs_finished_total", state="lost"), 1)
+
+    def test_a_relayed_query_reply_tells_whether_and_how_the_job_ended(self):
+        ended = {"job_id": "j", "state": "failed", "done": True, "finished_at": 1795816431.39,
+                 "exit_code": 3}
+        reply = jobsched.dumps_response(ended)
+        self.assertEqual(jobsched.job_end(reply, "j"), ("j", "failed", 1795816431.39))
+        self.assertEqual(jobsched.job_end(ended, "j"), ("j", "failed", 1795816431.39))
+        running = jobsched.dumps_response({"job_id": "j", "state": "running", "done": False})
+        self.assertIsNone(jobsched.job_end(running, "j"))
+        fault = xmlrpc.client.dumps(xmlrpc.client.Fault(1, "job not found: j")).encode()
+        self.assertIsNone(jobsched.job_end(fault, "j"))
+        self.assertEqual(jobsched.relayed_fault_code(fault), 1)
+        self.assertEqual(jobsched.relayed_fault_code(reply), 0)
+
+    def test_both_roles_write_exactly_the_documented_families(self):
+        scheduler = self.scheduler()
+        worker = self.worker(None)
+        # A worker whose host name needs escaping, registered by hand.
+        self.client(scheduler).register("127.0.0.1:9", {"worker_id": "w-1", "hostname": 'h"\\\n'})
+        types, samples = parse_metrics(jobsched.scheduler_metrics(scheduler).decode())
+        self.assertEqual(set(types), SCHEDULER_METRICS)
+        self.assertEqual(metric(samples, "jobsched_worker_slots", worker_id="w-1", host='h"\\\n'), 1)
+        self.assertEqual(metric(samples, "jobsched_workers", state="online"), 1)
+        self.assertEqual(metric(samples, "jobsched_jobs_finished_total", state="succeeded"), 0)
+        types, samples = parse_metrics(jobsched.worker_metrics(worker).decode())
+        self.assertEqual(set(types), WORKER_METRICS)
+        self.assertEqual(metric(samples, "jobsched_slots"), 4)
+        self.assertEqual(types["jobsched_job_duration_seconds"], "histogram")
+        self.assertGreater(metric(samples, "process_resident_memory_bytes"), 1000000)
+        self.assertGreater(metric(samples, "process_open_fds"), 2)
+        self.assertLess(abs(metric(samples, "process_start_time_seconds") - time.time()), 3600)
+        # once the scheduler has a queue, its length is written too
+        scheduler.queue = [1, 2, 3]
+        types, samples = parse_metrics(jobsched.scheduler_metrics(scheduler).decode())
+        self.assertEqual(set(types), SCHEDULER_METRICS | {"jobsched_jobs_queued"})
+        self.assertEqual(metric(samples, "jobsched_jobs_queued"), 3)
+
+    def test_utf8_tails(self):
+        for data, tail in ((b"abc", 0), (b"ab\xc3", 1), (b"ab\xc3\xa9", 0), (b"\xe2\x82", 2),
+                           (b"\xe2\x82\xac", 0), (b"x\xf0\x9f\x98", 3), (b"\xf0\x9f\x98\x80", 0),
+                           (b"", 0), (b"\xff", 0)):
+            self.assertEqual(jobsched._incomplete_utf8_tail(data), tail, data)
+
+
+def fetch(address, path, method="GET", headers=None, body=None):
+    """(status, headers, body bytes) of one request, redirects not followed."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        reply = connection.getresponse()
+        return reply.status, reply.headers, reply.read()
+    finally:
+        connection.close()
+
+
+def basic_auth(token):
+    return "Basic " + base64.b64encode(("anyone:" + token).encode()).decode()
+
+
+class MetricsTest(ClusterTestCase):
+    """GET /metrics on live roles: what is counted, authentication, promtool."""
+
+    def test_counts_of_a_live_cluster_behind_a_token(self):
+        scheduler = self.scheduler(token=TOKEN)
+        worker = self.worker(scheduler, token=TOKEN)
+        client = self.client(scheduler, token=TOKEN)
+        wait_until(lambda: any(w["online"] for w in client.workers()), message="worker to register")
+        ok = client.start("", "sh", "", sh_args("printf hello"))
+        failed = client.start("", "sh", "", sh_args("printf ab; exit 3"))
+        running = client.start("", "sh", "", sh_args("printf 1234; exec sleep 30"))
+        self.addCleanup(fault_of, client.stop, running)
+        self.wait_done(client, ok)
+        self.wait_done(client, failed)
+        wait_until(lambda: client.query(running)["output_bytes"] == 4, message="running job's output")
+        for job_id in (ok, failed, ok):  # the scheduler counts what it sees end, once per job
+            client.query(job_id)
+        client.jobs()
+        self.assertIsInstance(fault_of(client.query, str(uuid.uuid4())), jobsched.NotFound)
+
+        for address in (scheduler.address, worker.address):
+            status, headers, _ = scrape(address)
+            self.assertEqual(status, 401)
+            self.assertEqual(headers["WWW-Authenticate"], 'Basic realm="jobsched"')
+        status, headers, text = scrape(worker.address, TOKEN)
+        self.assertEqual((status, headers["Content-Type"]),
+                         (200, "text/plain; version=0.0.4; charset=utf-8"))
+        _, samples = parse_metrics(text)
+        self.assertEqual(metric(samples, "jobsched_jobs_started_total"), 3)
+        self.assertEqual(metric(samples, "jobsched_jobs_running"), 1)
+        self.assertEqual(metric(samples, "jobsched_slots"), 4)
+        self.assertEqual(metric(samples, "jobsched_jobs_finished_total", state="succeeded"), 1)
+        self.assertEqual(metric(samples, "jobsched_jobs_finished_total", state="failed"), 1)
+        self.assertEqual(metric(samples, "jobsched_job_duration_seconds_count"), 2)
+        self.assertEqual(metric(samples, "jobsched_output_bytes_total"), 5 + 2 + 4)
+
+        status, _, text = fetch_text(scheduler.address, "/metrics", basic_auth(TOKEN))
+        self.assertEqual(status, 200)
+        _, samples = parse_metrics(text)
+        self.assertEqual(metric(samples, "jobsched_jobs_started_total"), 3)
+        self.assertEqual(metric(samples, "jobsched_jobs_finished_total", state="succeeded"), 1)
+        self.assertEqual(metric(samples, "jobsched_jobs_finished_total", state="failed"), 1)
+        self.assertEqual(metric(samples, "jobsched_workers", state="online"), 1)
+        self.assertEqual(metric(samples, "jobsched_workers", state="offline"), 0)
+        labels = {"worker_id": worker.worker_id, "host": socket.gethostname()}
+        self.assertEqual(metric(samples, "jobsched_worker_slots", **labels), 4)
+        self.assertEqual(metric(samples, "jobsched_rpc_requests_total", method="start", code="0"), 3)
+        self.assertEqual(metric(samples, "jobsched_rpc_requests_total", method="query", code="1"), 1)
+        self.assertGreaterEqual(metric(samples, "jobsched_rpc_requests_total", method="query",
+                                       code="0"), 4)
+        self.assertEqual(metric(samples, "jobsched_rpc_duration_seconds_count", method="start"), 3)
+
+        client.stop(running)
+        _, samples = parse_metrics(scrape(worker.address, TOKEN)[2])
+        self.assertEqual(metric(samples, "jobsched_jobs_finished_total", state="stopped"), 1)
+        self.assertEqual(metric(samples, "jobsched_output_bytes_total"), 11)  # no byte twice
+        self.assertEqual(metric(samples, "jobsched_jobs_running"), 0)
+
+    def test_promtool_accepts_both_roles(self):
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            self.skipTest("promtool is not installed (Debian package prometheus)")
+        scheduler, (worker,), client = self.cluster(1)
+        self.wait_done(client, client.start("", "sh", "", sh_args("echo hi; exit 1")))
+        client.jobs()
+        for address in (scheduler.address, worker.address):
+            text = scrape(address)[2]
+            check = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+            self.assertEqual(check.returncode, 0, check.stdout.decode())
+            self.assertEqual(check.stdout.strip(), b"", "promtool's lint: %s" % check.stdout)
+
+
+def fetch_text(address, path, authorization=None, accept="text/html"):
+    headers = {"Accept": accept}
+    if authorization:
+        headers["Authorization"] = authorization
+    status, headers, body = fetch(address, path, headers=headers)
+    return status, headers, body.decode("utf-8")
+
+
+def inline(page, tag):
+    """The text of the page's one inline <tag> element (style or script)."""
+    found = re.findall(r"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+    if len(found) != 1:
+        raise AssertionError("%d inline <%s> elements" % (len(found), tag))
+    return found[0]
+
+
+def csp_hash(text):
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+class StatusPageTest(ClusterTestCase):
+    """The pages as HTTP sees them: headers, escaping, content negotiation, output, Stop."""
+
+    def test_status_page_lists_workers_and_jobs_escaped_with_failures_marked(self):
+        scheduler, (worker,), client = self.cluster(1)
+        ok = client.start("", "true", "")
+        failed = client.start("", "sh", "", sh_args("exit 3", "<b>bold</b>"))
+        running = client.start("", "sleep", "", {"args": ["30"]})
+        self.addCleanup(fault_of, client.stop, running)
+        self.wait_done(client, ok)
+        self.wait_done(client, failed)
+        wait_until(lambda: client.workers()[0]["running"] == 1, message="a heartbeat")
+        status, headers, page = fetch_text(scheduler.address, "/")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/html; charset=utf-8"))
+        self.assertEqual(headers["X-Frame-Options"], "DENY")
+        policy = headers["Content-Security-Policy"]
+        self.assertIn("default-src 'none'", policy)
+        self.assertIn("script-src %s;" % csp_hash(inline(page, "script")), policy)
+        self.assertIn("style-src %s;" % csp_hash(inline(page, "style")), policy)
+        self.assertNotIn("unsafe-inline", policy)
+        self.assertIn('<meta name="viewport"', page)
+        self.assertIn('<noscript><meta http-equiv="refresh" content="2"></noscript>', page)
+        self.assertIn('title="%s"' % worker.worker_id, page)
+        self.assertIn(worker.address, page)
+        self.assertIn("1/4", page)  # slots used/total
+        self.assertIn("&lt;b&gt;bold&lt;/b&gt;", page)
+        self.assertNotIn("<b>bold", page)
+        rows = re.findall(r'<tr( class="bad")?><td><a href="/jobs/([0-9a-f-]+)"', page)
+        self.assertEqual(sorted(rows), sorted([("", ok), (' class="bad"', failed), ("", running)]))
+        self.assertIn("<h2>Running (1)</h2>", page)
+        self.assertIn("<h2>Finished (the latest 2 of 2)</h2>", page)
+        self.assertNotIn("Queue", page)  # no queue yet
+
+    def test_job_route_answers_html_or_the_json_struct(self):
+        scheduler, _, client = self.cluster(1)
+        job_id = client.start("", "echo", "", {"args": ["hi"]})
+        self.wait_done(client, job_id)
+        status, headers, body = fetch_text(scheduler.address, "/jobs/" + job_id,
+                                           accept="application/json")
+        self.assertEqual((status, headers["Content-Type"]), (200, "application/json"))
+        self.assertEqual(json.loads(body), client.query(job_id))
+        status, headers, page = fetch_text(scheduler.address, "/jobs/" + job_id)
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/html; charset=utf-8"))
+        self.assertIn("<h1>Job %s" % job_id, page)
+        self.assertIn('<pre id="output">hi\n</pre>', page)  # ended: nothing to follow
+        self.assertIn("Content-Security-Policy", headers)
+        self.assertEqual(http_call(scheduler.address, "GET", "/jobs")[1]["jobs"][0]["job_id"], job_id)
+        missing = str(uuid.uuid4())
+        status, _, body = fetch_text(scheduler.address, "/jobs/" + missing, accept="*/*")
+        self.assertEqual((status, json.loads(body)), (404, {"error": "job not found: '%s'" % missing}))
+        status, _, page = fetch_text(scheduler.address, "/jobs/" + missing)
+        self.assertEqual(status, 404)
+        self.assertIn("job not found", page)
+        self.assertEqual(fetch_text(scheduler.address, "/jobs/%s/nothing" % job_id)[0], 404)
+
+    def test_output_is_escaped_and_invalid_utf8_shows_replacement_characters(self):
+        scheduler, _, client = self.cluster(1)
+        job_id = client.start("", "sh", "", sh_args(
+            r"printf '<script>alert(1)</script>\n\377\376end \342\202'; exec sleep 30"))
+        self.addCleanup(fault_of, client.stop, job_id)
+        wait_until(lambda: client.query(job_id)["output_bytes"] == 34, message="the output")
+        page = fetch_text(scheduler.address, "/jobs/" + job_id)[2]
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;\n\ufffd\ufffdend </pre>", page)
+        self.assertNotIn("<script>alert", page)
+        # running: the page follows from before the incomplete character at the end
+        self.assertIn('data-follow="/jobs/%s/output" data-offset="32"' % job_id, page)
+        self.assertIn('<form method="post" action="/jobs/%s/stop">' % job_id, page)
+
+    def test_a_big_output_shows_its_last_mib_with_a_note(self):
+        scheduler, _, client = self.cluster(1)
+        job_id = client.start("", sys.executable, "", py_args(
+            "import sys; sys.stdout.write('FIRST' + '\\u20ac' * 600000 + 'LAST!')"))
+        job = self.wait_done(client, job_id)
+        self.assertEqual(job["output_bytes"], 1800010)
+        page = fetch_text(scheduler.address, "/jobs/" + job_id)[2]
+        self.assertIn("The output is 1800010 bytes; this is its last MiB.", page)
+        shown = re.search(r'<pre id="output">(.*)</pre>', page, re.S).group(1)
+        self.assertEqual(shown, "\u20ac" * ((1048576 - 5) // 3) + "LAST!")  # no half character
+
+    def test_output_route_reads_from_an_offset(self):
+        scheduler, _, client = self.cluster(1)
+        job_id = client.start("", "printf", "", {"args": ["abcdef"]})
+        self.wait_done(client, job_id)
+        status, headers, body = fetch(scheduler.address, "/jobs/%s/output?offset=2" % job_id)
+        self.assertEqual((status, body), (200, b"cdef"))
+        self.assertEqual((headers["X-Jobsched-Offset"], headers["X-Jobsched-Eof"]), ("6", "1"))
+        self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+        status, _, body = fetch(scheduler.address, "/jobs/%s/output?offset=x" % job_id)
+        self.assertEqual(status, 400)
+
+    def test_pages_need_the_token_and_stop_is_a_same_site_post(self):
+        scheduler = self.scheduler(token=TOKEN)
+        self.worker(scheduler, token=TOKEN)
+        client = self.client(scheduler, token=TOKEN)
+        wait_until(lambda: any(w["online"] for w in client.workers()), message="worker to register")
+        job_id = client.start("", "sleep", "", {"args": ["30"]})
+        self.addCleanup(fault_of, client.stop, job_id)
+        for path in ("/", "/jobs/" + job_id, "/jobs/%s/output" % job_id):
+            status, headers, _ = fetch(scheduler.address, path, headers={"Accept": "text/html"})
+            self.assertEqual((status, headers["WWW-Authenticate"]), (401, 'Basic realm="jobsched"'))
+        auth = basic_auth(TOKEN)
+        self.assertEqual(fetch_text(scheduler.address, "/", auth)[0], 200)
+        stop = "/jobs/%s/stop" % job_id
+        self.assertEqual(fetch(scheduler.address, stop, "POST", body=b"")[0], 401)
+        self.assertEqual(fetch(scheduler.address, stop, "GET", {"Authorization": auth})[0], 404)
+        for foreign in ({"Origin": "http://attacker.example"}, {"Sec-Fetch-Site": "cross-site"}):
+            headers = dict(foreign, Authorization=auth, Accept="text/html")
+            status, _, page = fetch(scheduler.address, stop, "POST", headers, body=b"")
+            self.assertEqual(status, 403, foreign)
+            self.assertIn(b"another site", page)
+        self.assertEqual(client.query(job_id)["state"], "running")
+        headers = {"Authorization": auth, "Accept": "text/html", "Sec-Fetch-Site": "same-origin",
+                   "Origin": "http://" + scheduler.address,
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        status, reply_headers, _ = fetch(scheduler.address, stop, "POST", headers, body=b"")
+        self.assertEqual((status, reply_headers["Location"]), (303, "/jobs/" + job_id))
+        self.assertEqual(client.query(job_id)["state"], "stopped")
+        status, _, body = fetch(scheduler.address, stop, "POST", {"Authorization": auth}, b"")
+        self.assertEqual((status, json.loads(body.decode())), (200, {"success": True}))
+
+
+class StatusCommandTest(ClusterTestCase):
+    """`jobsched.py status`: one screen, --json, --watch."""
+
+    def test_one_screen_and_json(self):
+        scheduler, workers, client = self.cluster(2)
+        self.wait_done(client, client.start("", "true", ""))
+        self.wait_done(client, client.start("", "false", ""))
+        self.wait_done(client, client.start("", "sh", "", sh_args("exit 2")))
+        running = client.start("", "sleep", "", {"args": ["30"]})
+        self.addCleanup(fault_of, client.stop, running)
+        wait_until(lambda: sum(w["running"] for w in client.workers()) == 1,
+                   message="heartbeats to report the running job")
+        proc = self.cli("status", "--scheduler", scheduler.address)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        lines = proc.stdout.decode().splitlines()
+        self.assertEqual(lines[0], "workers 2/2 online   slots 1/8 busy   jobs 0 queued, 1 running"
+                                   "   last hour 1 succeeded, 2 failed")
+        self.assertEqual(lines[2].split(), ["WORKER_ID", "ADDRESS", "ONLINE", "SLOTS", "HOSTNAME",
+                                            "LAST", "SEEN"])
+        self.assertEqual(sorted(line.split()[0] for line in lines[3:]),
+                         sorted(w.worker_id for w in workers))
+        proc = self.cli("status", "--json", "--scheduler", scheduler.address)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        status = json.loads(proc.stdout.decode())
+        self.assertEqual({k: v for k, v in status.items() if k != "workers"}, {
+            "workers_online": 2, "workers_total": 2, "slots_busy": 1, "slots_total": 8,
+            "jobs_queued": 0, "jobs_running": 1, "succeeded_last_hour": 1, "failed_last_hour": 2,
+            "stopped_last_hour": 0})
+        self.assertEqual(sorted(w["worker_id"] for w in status["workers"]),
+                         sorted(w.worker_id for w in workers))
+
+    def test_watch_draws_until_ctrl_c(self):
+        scheduler, _, _ = self.cluster(1)
+        proc = popen_jobsched(self, ["status", "--watch", "--scheduler", scheduler.address])
+        read_until(proc, b"\033[H\033[2Jworkers 1/1 online")  # clear the screen, then draw
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(timeout=10), 0)
+        self.assertNotIn(b"Traceback", proc.stderr.read())
+
+    def test_an_unreachable_scheduler_is_one_line(self):
+        proc = self.cli("status", "--scheduler", "127.0.0.1:%d" % free_port())
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr.decode(), r"\Ajobsched: error: cannot reach [^\n]*\n\Z")
+
+
+def chromium_binary():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class HeadlessChromium:
+    """A headless Chromium driven over the DevTools protocol on a pipe (JSON messages ended by
+    NUL on its fds 3 and 4: no WebSocket needed). close() ends it and removes its profile."""
+
+    def __init__(self):
+        self.profile = tempfile.mkdtemp(prefix="jobsched-chromium-")
+        commands_in, self._commands = os.pipe()
+        self._replies, replies_out = os.pipe()
+        self.proc = subprocess.Popen(
+            ["sh", "-c", 'exec "$0" "$@" 3<&%d 4>&%d' % (commands_in, replies_out),
+             chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu",
+             "--hide-scrollbars", "--no-first-run", "--remote-debugging-pipe",
+             "--user-data-dir=" + self.profile, "about:blank"],
+            pass_fds=(commands_in, replies_out), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(commands_in)
+        os.close(replies_out)
+        self._changed = threading.Condition()
+        self._answers, self.events, self._last_id = {}, [], 0  # guarded by self._changed
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        pending = b""
+        while True:
+            data = os.read(self._replies, 65536)
+            if not data:
+                break
+            messages = (pending + data).split(b"\0")
+            pending = messages.pop()
+            with self._changed:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self._answers[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                self._changed.notify_all()
+        os.close(self._replies)
+
+    def send(self, method, session=None, timeout=30.0, **params):
+        with self._changed:
+            self._last_id += 1
+            message_id = self._last_id
+        message = {"id": message_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while message_id not in self._answers:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError("Chromium did not answer %s" % method)
+                self._changed.wait(remaining)
+            answer = self._answers.pop(message_id)
+        if "error" in answer:
+            raise AssertionError("%s: %s" % (method, answer["error"]))
+        return answer["result"]
+
+    def open(self, url, width=1200, height=800):
+        """A new tab showing url; returns its session id."""
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.send("Page.enable", session)
+        self.send("Emulation.setDeviceMetricsOverride", session, width=width, height=height,
+                  deviceScaleFactor=1, mobile=False)
+        self.send("Page.navigate", session, url=url)
+        return session
+
+    def evaluate(self, session, expression):
+        """The value of a JavaScript expression in the tab (None while a page is loading)."""
+        result = self.send("Runtime.evaluate", session, expression=expression, returnByValue=True)
+        return None if "exceptionDetails" in result else result["result"].get("value")
+
+    def dialogs(self):
+        with self._changed:
+            return [e for e in self.events if e["method"] == "Page.javascriptDialogOpening"]
+
+    def close(self):
+        try:
+            self.send("Browser.close", timeout=10)
+            self.proc.wait(timeout=15)
+        except (AssertionError, OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+        os.close(self._commands)
+        self._reader.join(timeout=10)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+class BrowserTest(ClusterTestCase):
+    """The pages in a real browser (headless Chromium): what renders, live output, no script
+    from a job ever runs, the Stop button; writes examples/status.png."""
+
+    @classmethod
+    def setUpClass(cls):
+        if chromium_binary() is None:
+            raise unittest.SkipTest("no Chromium (Debian package chromium); .ci/run installs it")
+        cls.browser = HeadlessChromium()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.browser.close()
+
+    def text_of(self, session, selector):
+        return self.browser.evaluate(
+            session, "(document.querySelector(%s) || {}).textContent || ''" % json.dumps(selector))
+
+    def test_status_page_refreshes_itself_and_keeps_the_scroll_position(self):
+        scheduler = self.scheduler(token=TOKEN)
+        worker = self.worker(scheduler, token=TOKEN)
+        client = self.client(scheduler, token=TOKEN)
+        wait_until(lambda: any(w["online"] for w in client.workers()), message="worker to register")
+        ids = [client.start("", "true", "") for _ in range(12)]
+        failed = client.start("", "sh", "", sh_args("exit 4", "<script>alert(3)</script>"))
+        for job_id in ids + [failed]:
+            self.wait_done(client, job_id)
+        session = self.browser.open("http://jobsched:%s@%s/" % (TOKEN, scheduler.address),
+                                    width=800, height=300)
+        wait_until(lambda: "Finished" in self.text_of(session, "main"), message="the page")
+        main = self.text_of(session, "main")
+        self.assertIn("workers 1/1 online", main)
+        self.assertIn(worker.address, main)
+        self.assertIn(worker.worker_id[:8], main)
+        self.assertIn("<script>alert(3)</script>", main)  # the command, as text
+        bad = self.browser.evaluate(session, "Array.prototype.map.call(document.querySelectorAll("
+                                             "'tr.bad a'), function (a) { return a.title; })")
+        self.assertEqual(bad, [failed])
+        self.browser.evaluate(session, "window.scrollTo(0, 250)")
+        self.assertEqual(self.browser.evaluate(session, "window.scrollY"), 250)
+        late = client.start("", "sleep", "", {"args": ["30"]})
+        self.addCleanup(fault_of, client.stop, late)
+        wait_until(lambda: late[:8] in self.text_of(session, "main"), timeout=15,
+                   message="the page to show a job started after it loaded")
+        self.assertEqual(self.browser.evaluate(session, "window.scrollY"), 250)
+        self.assertIn("running", self.browser.evaluate(session, "document.title"))
+        self.assertEqual(self.browser.dialogs(), [])
+
+    def test_job_page_streams_output_shows_markup_as_text_and_stops_the_job(self):
+        scheduler = self.scheduler(token=TOKEN)
+        self.worker(scheduler, token=TOKEN)
+        client = self.client(scheduler, token=TOKEN)
+        wait_until(lambda: any(w["online"] for w in client.workers()), message="worker to register")
+        flag = os.path.join(self.tempdir(), "flag")
+        job_id = client.start("", "sh", "", sh_args(
+            "printf '<script>alert(1)</script>\\n<img src=x onerror=alert(2)>\\n'; "
+            'while [ ! -e "$1" ]; do sleep 0.05; done; echo LATE-MARKER; exec sleep 60', flag))
+        self.addCleanup(fault_of, client.stop, job_id)
+        session = self.browser.open("http://jobsched:%s@%s/jobs/%s" % (TOKEN, scheduler.address, job_id))
+        wait_until(lambda: "<img src=x" in self.text_of(session, "#output"), message="the output")
+        with open(flag, "w"):
+            pass
+        wait_until(lambda: "LATE-MARKER" in self.text_of(session, "#output"), timeout=5,
+                   message="output written after the page loaded")
+        self.assertEqual(client.query(job_id)["state"], "running")  # it came live, not on reload
+        self.assertEqual(self.text_of(session, "#output"),
+                         "<script>alert(1)</script>\n<img src=x onerror=alert(2)>\nLATE-MARKER\n")
+        self.assertEqual(self.browser.evaluate(session, "document.querySelectorAll('#output *, "
+                                                        "img').length"), 0)
+        self.assertEqual(self.browser.dialogs(), [])
+        self.browser.evaluate(session, "document.querySelector('form button').click()")
+        wait_until(lambda: client.query(job_id)["state"] == "stopped", message="the job to stop")
+        wait_until(lambda: self.text_of(session, "h1").endswith("stopped"),
+                   message="the page to show the stopped job")
+        self.assertIsNone(self.browser.evaluate(session, "document.querySelector('form')"))
+        self.assertEqual(self.browser.dialogs(), [])
+
+    def test_screenshot_of_a_live_cluster(self):
+        scheduler, workers, client = self.cluster(3, slots=3)
+        scripts = self.tempdir()
+        for name, body in (("build.sh", "sleep 0.4"), ("backup.sh", "sleep 0.2; exit 3"),
+                           ("report.sh", "sleep 0.3"), ("deploy.sh", "sleep 0.6"),
+                           ("ingest.sh", "exec sleep 30"), ("render.sh", "exec sleep 30")):
+            with open(os.path.join(scripts, name), "w") as f:
+                f.write(body + "\n")
+        finished = [client.start(workers[i % 3].worker_id, "sh", name, {"args": args, "cwd": scripts})
+                    for i, (name, args) in enumerate([
+                        ("build.sh", ["--target", "test"]), ("backup.sh", ["/srv/data"]),
+                        ("report.sh", ["--daily"]), ("deploy.sh", ["staging"])])]
+        for name, args in (("ingest.sh", ["--follow", "/var/log/app"]), ("render.sh", ["scene-12"])):
+            job_id = client.start("", "sh", name, {"args": args, "cwd": scripts})
+            self.addCleanup(fault_of, client.stop, job_id)
+        stopped = client.start("", "sleep", "", {"args": ["600"]})
+        client.stop(stopped)
+        for job_id in finished:
+            self.wait_done(client, job_id)
+        wait_until(lambda: sum(w["running"] for w in client.workers()) == 2, message="heartbeats")
+        session = self.browser.open("http://%s/" % scheduler.address, width=1100, height=660)
+        wait_until(lambda: "Finished" in self.text_of(session, "main"), message="the page")
+        shot = self.browser.send("Page.captureScreenshot", session, format="png")
+        png = base64.b64decode(shot["data"])
+        self.assertTrue(png.startswith(b"\x89PNG\r\n\x1a\n"))
+        with open(os.path.join(HERE, "examples", "status.png"), "wb") as f:
+            f.write(png)
 
 
 if __name__ == "__main__":

@@ -52,10 +52,12 @@ GO_SEED = {"start_seq_p50_ms": "1.6-1.8", "start_seq_per_s": "520-600",
 
 FULL = {"floor": 1000, "seq": 1000, "threads_n": 4000, "query": 2000, "follow_lines": 200,
         "follow_cpu_seconds": 10.0, "logs_bytes": 100 * MiB, "sleep_jobs": 1000,
-        "known_jobs": 100000, "sim_workers": 1000, "scale_n": 1000, "tls_n": 1000}
+        "known_jobs": 100000, "sim_workers": 1000, "scale_n": 1000, "tls_n": 1000,
+        "metrics_n": 500}
 QUICK = {"floor": 200, "seq": 300, "threads_n": 600, "query": 300, "follow_lines": 40,
          "follow_cpu_seconds": 2.0, "logs_bytes": 40 * MiB, "sleep_jobs": 1000,
-         "known_jobs": 20000, "sim_workers": 1000, "scale_n": 250, "tls_n": 200}
+         "known_jobs": 20000, "sim_workers": 1000, "scale_n": 250, "tls_n": 200,
+         "metrics_n": 100}
 
 FIGURES = (
     "floor_popen_launch_p50_ms", "floor_rtt_keepalive_p50_ms", "floor_rtt_new_conn_p50_ms",
@@ -64,6 +66,7 @@ FIGURES = (
     "follow_latency_p50_ms", "follow_latency_p99_ms", "follower_cpu_percent", "logs_mb_per_s",
     "worker_rss_mb_1000_jobs", "scheduler_rss_mb_1000_workers", "start_p99_ms_idle",
     "start_p99_ms_1000_heartbeating", "tls_start_p50_ms", "tls_query_p50_ms",
+    "metrics_1000_workers_ms",
 )
 
 # A job that prints its clock every 50 ms after a pause (so the follower is ready by then).
@@ -383,6 +386,24 @@ def threaded_starts(address, n, threads_n, worker_id="", command="true", args=No
     if errors:
         raise RuntimeError("threaded starts failed: %s" % errors[0])
     return wall, latencies, job_ids
+
+
+def metrics_scrapes(address, n):
+    """[seconds per GET /metrics] over one kept-alive connection, as Prometheus scrapes."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+
+    def scrape():
+        connection.request("GET", "/metrics")
+        reply = connection.getresponse()
+        body = reply.read()
+        if reply.status != 200 or b"jobsched_worker_slots" not in body:
+            raise RuntimeError("GET /metrics answered %d" % reply.status)
+    scrape()
+    try:
+        return timed_calls(n, scrape)
+    finally:
+        connection.close()
 
 
 def sequential_starts(client, n):
@@ -722,6 +743,9 @@ def run(counts, res, python=sys.executable):
     _, samples, _ = sequential_starts(client, counts["scale_n"])
     figures["start_p99_ms_1000_heartbeating"] = ms(percentile(samples, 0.99))
     extras["start_p50_ms_1000_heartbeating"] = ms(percentile(samples, 0.5))
+    samples = metrics_scrapes(address, counts["metrics_n"])
+    figures["metrics_1000_workers_ms"] = ms(percentile(samples, 0.5))
+    extras["metrics_1000_workers_p99_ms"] = ms(percentile(samples, 0.99))
     extras["heartbeat_failures_logged"] = res.log_tail(beater).count("heartbeat failed")
     res.stop(beater)
     client.close()
@@ -773,6 +797,9 @@ def targets(f, e):
         ("tls_query_p50_ms", "plain %.3f" % e["plain_query_p50_ms_beside_tls"],
          ratio(f["tls_query_p50_ms"], e["plain_query_p50_ms_beside_tls"]), "<= 1.2x plain",
          f["tls_query_p50_ms"] <= 1.2 * e["plain_query_p50_ms_beside_tls"]),
+        ("metrics_1000_workers_ms", "rtt %.3f" % f["floor_rtt_keepalive_p50_ms"],
+         ratio(f["metrics_1000_workers_ms"], f["floor_rtt_keepalive_p50_ms"]), "<= 2",
+         f["metrics_1000_workers_ms"] <= 2),
     ]
     return rows
 
