@@ -3514,10 +3514,10 @@ def cmd_jobs(args):
     offline = _offline_workers(workers)
     if args.worker:
         worker_id = _resolve(client, args.worker, "worker", workers)
-        jobs = [j for j in jobs if j["worker_id"] == worker_id]
+        jobs = [j for j in jobs if j.get("worker_id") == worker_id]
         offline = [w for w in offline if w["worker_id"] == worker_id]
     if args.state:
-        jobs = [j for j in jobs if j["state"] in args.state]
+        jobs = [j for j in jobs if j.get("state") in args.state]
     jobs.sort(key=lambda j: j.get("started_at", 0))
     if args.limit:
         jobs = jobs[-args.limit:]
