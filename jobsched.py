@@ -1085,6 +1085,172 @@ def default_state_dir():
     return os.path.join(base, "jobsched", "worker")
 
 
+class WorkerStateDir:
+    """A worker's state directory: what survives the worker, and how.
+
+    ``lock`` (flock()ed while a worker uses the directory), ``worker_id`` (kept across
+    restarts), ``journal`` (one line appended per started job), and per job ``<job_id>.out``
+    (its output, appended by the job itself) and ``<job_id>.json`` (its final record, written to
+    a temporary file and renamed). A crash at any moment leaves a record whole or absent; load()
+    brings back the finished jobs and hands back those the journal shows started but not ended.
+
+    Worker calls load() once, then open_journal(); journal_started() when a job starts,
+    record() when it ends, expire() for --keep-jobs, close() last."""
+
+    def __init__(self, path, keep_jobs):
+        self.path, self.keep_jobs = path, keep_jobs
+        self.lock = threading.Lock()
+        #: guards self._journal (fd of the journal), self._journal_bytes and self._finished
+        self._journal, self._journal_bytes = None, 0
+        self._finished = deque()  # ids of jobs with a final record, oldest first, for keep_jobs
+        self._lock_file = self._lock()
+        try:
+            self.worker_id = self._load_worker_id()
+        except OSError as e:  # disk full or read-only: a configuration error, not a traceback
+            self._lock_file.close()
+            raise ConfigError("cannot use state dir %s: %s" % (self.path, e.strerror or e))
+
+    def _lock(self):
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            lock_file = open(os.path.join(self.path, "lock"), "a+")
+        except OSError as e:
+            raise ConfigError("cannot use state dir %s: %s" % (self.path, e.strerror))
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            raise ConfigError("state dir %s is in use by another worker" % self.path)
+        return lock_file
+
+    def _load_worker_id(self):
+        path = os.path.join(self.path, "worker_id")
+        try:
+            with open(path) as f:
+                worker_id = f.read().strip()
+            if worker_id:
+                return worker_id
+        except FileNotFoundError:
+            pass
+        worker_id = str(uuid.uuid4())
+        write_atomically(path, worker_id.encode() + b"\n")
+        return worker_id
+
+    def load(self):
+        """Read the journal and the records: (finished jobs, jobs that were running).
+
+        A started job is one line appended to ``journal`` (no file to create on the hot path);
+        an ended one has its ``<job_id>.json``, which wins over its journal line."""
+        journal = os.path.join(self.path, "journal")
+        records, outputs = {}, set()
+        try:
+            with open(journal, "rb") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line.decode("utf-8"))
+                        records[record["job_id"]] = record
+                    except (ValueError, KeyError, TypeError):
+                        pass  # the last line, cut short by a crash
+        except FileNotFoundError:
+            pass
+        for name in os.listdir(self.path):
+            path = os.path.join(self.path, name)
+            if name.endswith(".tmp"):
+                os.unlink(path)  # a write the last run did not finish
+            elif name.endswith(".out"):
+                outputs.add(name[:-4])
+            elif name.endswith(".json"):
+                try:
+                    with open(path, "rb") as f:
+                        records[name[:-5]] = json.loads(f.read().decode("utf-8"))
+                except (OSError, ValueError) as e:
+                    log.warning("ignoring unreadable job record %s: %s", path, e)
+        for job_id in outputs - set(records):  # created, then the worker died before the journal
+            os.unlink(self.output_path(job_id))
+        for job_id in set(records) - outputs:  # removed by --keep-jobs; its journal line lingers
+            del records[job_id]
+        finished, running = [], []
+        for job_id, record in records.items():
+            try:
+                job = Job.from_record(record)
+            except (KeyError, TypeError, AttributeError) as e:
+                log.warning("ignoring unreadable record of job %s: %s", job_id, e)
+                continue
+            (finished if job.done else running).append(job)
+        return finished, running
+
+    def open_journal(self, finished):
+        """Start an empty journal once every job in it has its record; finished: their ids,
+        oldest first."""
+        self._finished.extend(finished)
+        self._journal = os.open(os.path.join(self.path, "journal"),
+                                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        self._journal_bytes = 0
+
+    def journal_started(self, line, rewrite_lines):
+        """Append a started job's line in one write(); past JOURNAL_LIMIT, first rewrite the
+        journal with rewrite_lines() (the lines of the jobs that have no record yet).
+
+        Called under self.lock, so a rewrite finds every job in the old file or in the list."""
+        if self._journal is None:
+            raise Unavailable("worker is shutting down")
+        if self._journal_bytes > JOURNAL_LIMIT:
+            self._rewrite_journal(rewrite_lines())
+        try:
+            if os.write(self._journal, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            os.ftruncate(self._journal, self._journal_bytes)  # no half line before the next
+            raise
+        self._journal_bytes += len(line)
+
+    def _rewrite_journal(self, lines):
+        path = os.path.join(self.path, "journal")
+        write_atomically(path, b"".join(lines))
+        os.close(self._journal)
+        self._journal = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._journal_bytes = sum(map(len, lines))
+
+    def output_path(self, job_id):
+        return os.path.join(self.path, job_id + ".out")
+
+    def output_size(self, job_id):
+        try:
+            return os.stat(self.output_path(job_id)).st_size
+        except OSError:
+            return 0
+
+    def record(self, job_id, record):
+        """Write a finished job's record (bytes) in place of its journal line."""
+        write_atomically(os.path.join(self.path, job_id + ".json"), record)
+
+    def finished(self, job_id):
+        """The job's files may be removed by expire() from now on."""
+        with self.lock:
+            self._finished.append(job_id)
+
+    def expire(self, forget):
+        """Remove the oldest finished jobs beyond keep_jobs: forget(job_id) first, then files."""
+        while True:
+            with self.lock:
+                if len(self._finished) <= self.keep_jobs:
+                    return
+                job_id = self._finished.popleft()
+            forget(job_id)
+            for suffix in (".json", ".out"):
+                try:
+                    os.unlink(os.path.join(self.path, job_id + suffix))
+                except OSError:
+                    pass
+
+    def close(self):
+        with self.lock:
+            if self._journal is not None:
+                os.close(self._journal)
+                self._journal = None
+        self._lock_file.close()
+
+
 class Worker(_Role):
     """Runs jobs on this host: each in its own session, output appended to
     ``<state_dir>/<job_id>.out``, a record in ``<job_id>.json``, a waiter thread per job.
@@ -1111,15 +1277,10 @@ class Worker(_Role):
         self._base_env = ({k: v for k, v in os.environ.items() if k != "JOBSCHED_TOKEN"}
                           if "JOBSCHED_TOKEN" in os.environ else None)
         self.jobs_lock = threading.Lock()
-        #: guards self._jobs, self._starting, self._finished, self._running, self._closing and
-        #: every Job's state
+        #: guards self._jobs, self._starting, self._running, self._closing and every Job's state;
+        #: taken after self.state.lock, never before it
         self._job_changed = threading.Condition(self.jobs_lock)  # notified when a job ends
-        self.journal_lock = threading.Lock()
-        #: guards self._journal (fd of <state-dir>/journal) and self._journal_bytes; taken
-        #: before jobs_lock, never while holding it
-        self._journal, self._journal_bytes = None, 0
         self._jobs = {}
-        self._finished = deque()  # finished job ids, oldest first, for --keep-jobs
         self._running = 0
         self._starting = set()  # job ids being spawned: a second start of one waits for the first
         self._closing = False
@@ -1127,11 +1288,11 @@ class Worker(_Role):
         self._registered = False  # written by the heartbeat thread only
         if advertise:
             parse_address(advertise)
-        self._lock_file = self._lock_state_dir()
+        self.state = WorkerStateDir(self.state_dir, keep_jobs)
+        self.worker_id = self.state.worker_id
         try:
             try:
-                self.worker_id = self._load_worker_id()
-                self._load_records()
+                self._load_jobs()
             except OSError as e:  # disk full or read-only: a configuration error, not a traceback
                 raise ConfigError("cannot use state dir %s: %s" % (self.state_dir, e.strerror or e))
             self.server = RPCServer(listen, self.security, {
@@ -1139,9 +1300,7 @@ class Worker(_Role):
                 "output": self.output, "jobs": self.jobs, "info": self.info,
             }, max_request=max_request, read_timeout=read_timeout)
         except BaseException:
-            if self._journal is not None:
-                os.close(self._journal)
-            self._lock_file.close()
+            self.state.close()
             raise
         if advertise:
             self.advertise = advertise
@@ -1154,148 +1313,52 @@ class Worker(_Role):
 
     # -- state dir -----------------------------------------------------------------------------
 
-    def _lock_state_dir(self):
-        try:
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            lock_file = open(os.path.join(self.state_dir, "lock"), "a+")
-        except OSError as e:
-            raise ConfigError("cannot use state dir %s: %s" % (self.state_dir, e.strerror))
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock_file.close()
-            raise ConfigError("state dir %s is in use by another worker" % self.state_dir)
-        return lock_file
-
-    def _load_worker_id(self):
-        path = os.path.join(self.state_dir, "worker_id")
-        try:
-            with open(path) as f:
-                worker_id = f.read().strip()
-            if worker_id:
-                return worker_id
-        except FileNotFoundError:
-            pass
-        worker_id = str(uuid.uuid4())
-        write_atomically(path, worker_id.encode() + b"\n")
-        return worker_id
-
-    def _load_records(self):
-        """Bring back finished jobs; jobs that were running when the worker died become lost.
-
-        A started job is one line appended to ``journal`` (no file to create on the hot path);
-        an ended one has its ``<job_id>.json``, which wins over its journal line."""
-        journal = os.path.join(self.state_dir, "journal")
-        records, outputs = {}, set()
-        try:
-            with open(journal, "rb") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line.decode("utf-8"))
-                        records[record["job_id"]] = record
-                    except (ValueError, KeyError, TypeError):
-                        pass  # the last line, cut short by a crash
-        except FileNotFoundError:
-            pass
-        for name in os.listdir(self.state_dir):
-            path = os.path.join(self.state_dir, name)
-            if name.endswith(".tmp"):
-                os.unlink(path)  # a write the last run did not finish
-            elif name.endswith(".out"):
-                outputs.add(name[:-4])
-            elif name.endswith(".json"):
-                try:
-                    with open(path, "rb") as f:
-                        records[name[:-5]] = json.loads(f.read().decode("utf-8"))
-                except (OSError, ValueError) as e:
-                    log.warning("ignoring unreadable job record %s: %s", path, e)
-        for job_id in outputs - set(records):  # created, then the worker died before the journal
-            os.unlink(self._out_path(job_id))
-        for job_id in set(records) - outputs:  # removed by --keep-jobs; its journal line lingers
-            del records[job_id]
-        jobs = []
-        for job_id, record in records.items():
-            try:
-                jobs.append(Job.from_record(record))
-            except (KeyError, TypeError, AttributeError) as e:
-                log.warning("ignoring unreadable record of job %s: %s", job_id, e)
+    def _load_jobs(self):
+        """Bring back finished jobs; jobs that were running when the worker died become lost."""
+        finished, running = self.state.load()
+        for job in running:
+            current = process_start_time(job.pid) if job.pid else None
+            if job.pid and (current is None or current == job.proc_start):
+                signal_group(job.pid, signal.SIGKILL)  # not a reused pid: ours, still alive
+            job.state, job.finished_at = "lost", time.time()
+            job.error_text = "lost: the worker restarted while the job was running"
+            job.output_bytes = self.state.output_size(job.job_id)
+            job.finished = _ENDED
+            self._write_record(job)
+            log.info("job %s lost: the worker restarted while it was running", job.job_id)
+        jobs = sorted(finished + running, key=lambda j: j.finished_at or 0)
         for job in jobs:
-            if job.state == "running":
-                current = process_start_time(job.pid) if job.pid else None
-                if job.pid and (current is None or current == job.proc_start):
-                    signal_group(job.pid, signal.SIGKILL)  # not a reused pid: ours, still alive
-                job.state, job.finished_at = "lost", time.time()
-                job.error_text = "lost: the worker restarted while the job was running"
-                job.output_bytes = self._output_size(job.job_id)
-                job.finished = _ENDED
-                self._write_record(job)
-                log.info("job %s lost: the worker restarted while it was running", job.job_id)
-        for job in sorted(jobs, key=lambda j: j.finished_at or 0):
             self._jobs[job.job_id] = job
-            self._finished.append(job.job_id)
+        self.state.open_journal([job.job_id for job in jobs])
         self._expire_jobs()
-        self._journal = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        self._journal_bytes = 0
 
     def _journal_started(self, job):
-        """Append the job's line to the journal and make it visible, both under journal_lock, so
-        a rewrite of the journal finds every job in the old file or in self._jobs."""
+        """Append the job's line to the journal and make it visible, both under the state dir's
+        lock, so a rewrite of the journal finds every job in the old file or in self._jobs."""
         line = job.to_record() + b"\n"
-        with self.journal_lock:
-            if self._journal is None:
-                raise Unavailable("worker is shutting down")
-            if self._journal_bytes > JOURNAL_LIMIT:
-                self._rewrite_journal()
-            try:
-                if os.write(self._journal, line) != len(line):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            except OSError:
-                os.ftruncate(self._journal, self._journal_bytes)  # no half line before the next
-                raise
-            self._journal_bytes += len(line)
+        with self.state.lock:
+            self.state.journal_started(line, self._unrecorded_lines)
             with self.jobs_lock:
                 if self._closing:  # close() has taken its list of jobs to stop
                     raise Unavailable("worker is shutting down")
                 self._jobs[job.job_id] = job
 
-    def _rewrite_journal(self):
-        """Keep only the lines of jobs whose final record is not written yet (under journal_lock)."""
+    def _unrecorded_lines(self):
         with self.jobs_lock:
-            lines = [job.to_record() + b"\n" for job in self._jobs.values()
-                     if not job.finished.is_set()]
-        path = os.path.join(self.state_dir, "journal")
-        write_atomically(path, b"".join(lines))
-        os.close(self._journal)
-        self._journal = os.open(path, os.O_WRONLY | os.O_APPEND)
-        self._journal_bytes = sum(map(len, lines))
-
-    def _out_path(self, job_id):
-        return os.path.join(self.state_dir, job_id + ".out")
-
-    def _output_size(self, job_id):
-        try:
-            return os.stat(self._out_path(job_id)).st_size
-        except OSError:
-            return 0
+            return [job.to_record() + b"\n" for job in self._jobs.values()
+                    if not job.finished.is_set()]
 
     def _write_record(self, job):
         with self.jobs_lock:
             record = job.to_record()
-        write_atomically(os.path.join(self.state_dir, job.job_id + ".json"), record)
+        self.state.record(job.job_id, record)
 
     def _expire_jobs(self):
         """Forget the oldest finished jobs beyond keep_jobs, files first."""
-        while True:
+        def forget(job_id):
             with self.jobs_lock:
-                if len(self._finished) <= self.keep_jobs:
-                    return
-                job_id = self._finished.popleft()
                 self._jobs.pop(job_id, None)
-            for suffix in (".json", ".out"):
-                try:
-                    os.unlink(os.path.join(self.state_dir, job_id + suffix))
-                except OSError:
-                    pass
+        self.state.expire(forget)
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -1371,10 +1434,7 @@ class Worker(_Role):
             scheduler.close()
         for thread in self._threads:
             thread.join(timeout=1.0)
-        with self.journal_lock:
-            os.close(self._journal)
-            self._journal = None
-        self._lock_file.close()
+        self.state.close()
         log.info("worker %s stopped", self.worker_id)
 
     # -- the RPCs ------------------------------------------------------------------------------
@@ -1440,7 +1500,7 @@ class Worker(_Role):
 
     def _spawn(self, job_id, command, path, opts, argv, env):
         job = Job(job_id, self.worker_id, command, path, opts["args"])
-        out_path = self._out_path(job.job_id)
+        out_path = self.state.output_path(job.job_id)
         try:
             out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         except OSError as e:
@@ -1495,7 +1555,7 @@ class Worker(_Role):
         returncode = job.process.wait()
         if job.timer is not None:
             job.timer.cancel()
-        output_bytes = self._output_size(job.job_id)
+        output_bytes = self.state.output_size(job.job_id)
         with self.jobs_lock:
             job.process = None
             job.finished_at = time.time()
@@ -1512,8 +1572,7 @@ class Worker(_Role):
             self._write_record(job)
         except OSError as e:
             log.error("cannot write the record of job %s: %s", job.job_id, e)
-        with self.jobs_lock:
-            self._finished.append(job.job_id)  # only now may --keep-jobs remove its files
+        self.state.finished(job.job_id)  # only now may --keep-jobs remove its files
         job.finished.set()
         job.finished = _ENDED  # waiters hold the set Event; later ones get the shared one
         log.info("job %s %s%s", job.job_id, job.state, ": " + job.error_text if job.error_text else "")
@@ -1550,7 +1609,7 @@ class Worker(_Role):
         with self.jobs_lock:
             struct = job.to_struct()
         if not struct["done"]:
-            struct["output_bytes"] = wire_int(self._output_size(job.job_id))
+            struct["output_bytes"] = wire_int(self.state.output_size(job.job_id))
         return struct
 
     def jobs(self):
@@ -1583,7 +1642,7 @@ class Worker(_Role):
 
     def _read_output(self, job_id, offset, max_bytes):
         try:
-            with open(self._out_path(job_id), "rb") as f:
+            with open(self.state.output_path(job_id), "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if offset >= size:
                     return b"", size
