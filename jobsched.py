@@ -1701,7 +1701,8 @@ class Worker(_Role):
             self._closing = True
             while self._starting:  # no start outlives close(): each ends in the list below
                 self._job_changed.wait()
-            running = [job for job in self._jobs.values() if not job.done]
+            # Running jobs, and ended ones whose waiter is still writing: none outlives close().
+            running = [job for job in self._jobs.values() if not job.finished.is_set()]
         self.server.close()
         stoppers = [threading.Thread(target=self._stop_job, args=(job, "stopped")) for job in running]
         for thread in stoppers:
@@ -1859,10 +1860,10 @@ class Worker(_Role):
             self._job_changed.notify_all()
             record = job.to_record()
         self.state.record(job.job_id, record)
-        job.finished.set()
-        job.finished = _ENDED  # waiters hold the set Event; later ones get the shared one
         log.info("job %s %s%s", job.job_id, job.state, ": " + job.error_text if job.error_text else "")
         self._expire_jobs()
+        job.finished.set()
+        job.finished = _ENDED  # waiters hold the set Event; later ones get the shared one
 
     def _get(self, job_id):
         return lookup(self._jobs, self.jobs_lock, job_id, "job")
