@@ -2678,8 +2678,8 @@ def build_parser():
     sub.add_argument("--allow", metavar="COMMAND", action="append", default=[],
                      help="only these commands may be started (repeatable; matched on the resolved path)")
     sub.add_argument("--allow-env", metavar="NAME", action="append", default=[],
-                     help="with --allow, the only env names a job may set (repeatable; shell "
-                          "wildcards such as APP_*)")
+                     help="the only env names a job may set once --allow or --allow-env is given "
+                          "(repeatable; shell wildcards such as APP_*)")
     sub.add_argument("--jobs-dir", metavar="DIR",
                      help="resolve 'path' inside DIR and refuse anything that escapes it")
 
