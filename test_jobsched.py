@@ -2687,7 +2687,7 @@ class WorkerHardeningTest(ClusterTestCase):
 
     def test_stop_waits_for_the_workers_grace_period(self):
         scheduler, _, _ = self.cluster(stop_grace=1.5)
-        client = self.client(scheduler, timeout=0.3)
+        client = self.client(scheduler, timeout=0.5)
         job_id = client.start("", "sh", "", sh_args('trap "" TERM; while :; do sleep 0.05; done'))
         self.assertEqual(client.query(job_id)["stop_grace"], 1.5)
         self.assertIs(client.stop(job_id), True)  # longer than the client's own timeout
@@ -2695,7 +2695,7 @@ class WorkerHardeningTest(ClusterTestCase):
         self.assertEqual((job["state"], job["signal"]), ("stopped", signal.SIGKILL))
         self.assertNotIn("stop_grace", job)
         job_id = client.start("", "sh", "", sh_args('trap "" TERM; while :; do sleep 0.05; done'))
-        done = self.cli("stop", job_id, "--scheduler", scheduler.address, "--rpc-timeout", "0.3")
+        done = self.cli("stop", job_id, "--scheduler", scheduler.address, "--rpc-timeout", "0.5")
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(client.query(job_id)["state"], "stopped")
 
