@@ -20,8 +20,10 @@ import bisect
 import datetime
 import errno
 import fcntl
+import fnmatch
 import functools
 import hashlib
+import heapq
 import hmac
 import html
 import http.client
@@ -39,6 +41,7 @@ import selectors
 import signal
 import socket
 import socketserver
+import stat
 import subprocess
 import sys
 import tempfile
@@ -343,6 +346,8 @@ def read_token_file(path):
     """Read a token the way ssh reads a private key: refuse it if others may read or write it."""
     try:
         mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError("token file %s is not a regular file" % path)
         if mode & 0o077:
             raise ConfigError("token file %s is accessible by group or others (mode %03o); "
                               "run: chmod 600 %s" % (path, mode & 0o777, path))
@@ -1061,6 +1066,9 @@ _GO_SIGNAL_NAMES = {
     signal.SIGPIPE: "broken pipe", signal.SIGALRM: "alarm clock", signal.SIGTERM: "terminated",
 }
 
+#: the variables that mark a job's processes (and what a restarted worker looks for)
+JOB_ID_VARIABLE, WORKER_ID_VARIABLE = "JOBSCHED_JOB_ID", "JOBSCHED_WORKER_ID"
+
 
 def exit_text(returncode):
     """The outcome in Go's os/exec wording: '' on success, 'exit status 3', 'signal: killed'."""
@@ -1075,8 +1083,8 @@ def process_start_time(pid):
     """An opaque token that changes when a pid is reused (Linux: /proc starttime; macOS: ps)."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
-            stat = f.read()
-        return stat[stat.rindex(b")") + 2:].split()[19].decode()
+            line = f.read()
+        return line[line.rindex(b")") + 2:].split()[19].decode()
     except (OSError, ValueError, IndexError):
         pass
     if sys.platform == "darwin":
@@ -1094,6 +1102,86 @@ def signal_group(pgid, signum):
         os.killpg(pgid, signum)
     except OSError:
         pass  # the group is gone already
+
+
+def leader_exited(pid):
+    """True once the child pid has exited; it is not reaped (a zombie keeps its group id taken)."""
+    if not hasattr(os, "waitid"):
+        return False  # macOS before Python 3.13: only the waiter knows
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # a member runs as another user
+    if not os.path.isdir("/proc"):
+        return True
+    # Zombies count for killpg(); an init that does not reap would keep them for ever.
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name, "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()
+                if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                    return True
+            except (OSError, ValueError, IndexError):
+                pass
+    return False
+
+
+def wait_group_gone(pgid, timeout=2.0):
+    """Wait until no live process is left in a SIGKILLed process group; false on timeout."""
+    deadline, delay = time.monotonic() + timeout, 0.0005
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+    return True
+
+
+def find_job_processes(worker_id):
+    """[(pid, job_id, start token)] of the processes whose environment marks them as jobs of
+    worker_id: Linux reads /proc/PID/environ (this user's processes), macOS asks ``ps -E``."""
+    marker = ("%s=%s" % (WORKER_ID_VARIABLE, worker_id)).encode()
+    prefix = JOB_ID_VARIABLE.encode() + b"="
+    found = []
+    if os.path.isdir("/proc"):
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            try:
+                with open("/proc/%s/environ" % name, "rb") as f:
+                    variables = f.read().split(b"\0")
+            except OSError:
+                continue  # gone, or another user's
+            if marker in variables:
+                job_ids = [v[len(prefix):] for v in variables if v.startswith(prefix)]
+                if job_ids:
+                    found.append((int(name), job_ids[0].decode("ascii", "replace")))
+        return [(pid, job_id, process_start_time(pid)) for pid, job_id in found]
+    try:  # macOS: the environment follows the command, as NAME=VALUE words
+        listing = subprocess.run(["ps", "-E", "-ww", "-x", "-o", "pid=", "-o", "command="],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 timeout=30).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("cannot list processes to find the jobs of the last run: %s", e)
+        return []
+    for line in listing.splitlines():
+        pid, _, words = line.strip().partition(" ")
+        words = words.split()
+        if pid.isdigit() and int(pid) != os.getpid() and marker.decode() in words:
+            job_ids = [w[len(prefix):] for w in words if w.startswith(prefix.decode())]
+            if job_ids:
+                found.append((int(pid), job_ids[0], None))
+    return found
 
 
 def write_atomically(path, data):
@@ -1281,17 +1369,18 @@ class Job:
     Fields that change after start (state, exit, finish time) are guarded by Worker.jobs_lock."""
     __slots__ = ("job_id", "worker_id", "command", "path", "args", "pid", "started_at",
                  "proc_start", "process", "state", "exit_code", "signal", "error_text",
-                 "finished_at", "output_bytes", "stop_reason", "finished", "timer")
+                 "finished_at", "output_bytes", "stop_reason", "finished", "exited")
 
     def __init__(self, job_id, worker_id, command, path, args):
         self.job_id, self.worker_id = job_id, worker_id
         self.command, self.path, self.args = command, path, args
         self.pid = self.proc_start = self.process = self.exit_code = self.signal = None
-        self.finished_at = self.output_bytes = self.stop_reason = self.timer = None
+        self.finished_at = self.output_bytes = self.stop_reason = None
         self.started_at = time.time()
         self.state = "running"
         self.error_text = ""
         self.finished = threading.Event()
+        self.exited = False  # the leader has exited: from then on nothing signals its group
 
     @property
     def done(self):
@@ -1308,9 +1397,10 @@ class Job:
         })
 
     def to_record(self):
+        """The job as one line of JSON, for the journal and the record file."""
         record = self.to_struct()
         record["proc_start"] = self.proc_start
-        return json.dumps(without_none(record)).encode("utf-8")
+        return json.dumps(without_none(record)).encode("utf-8") + b"\n"
 
     @classmethod
     def from_record(cls, record):
@@ -1330,6 +1420,336 @@ def default_state_dir():
     return os.path.join(base, "jobsched", "worker")
 
 
+#: the job files of a state dir: a job id (a UUID) and a suffix
+_JOB_FILE = re.compile(r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+                       r"(\.out|\.json|\.json\.tmp)\Z")
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot remove %s: %s", path, e.strerror or e)
+
+
+class WorkerStateDir:
+    """A worker's state directory: what survives the worker, and how.
+
+    Its files, and the only ones it ever touches: ``lock`` (flock()ed while a worker uses the
+    directory), ``worker_id`` (kept across restarts), ``journal``, per job ``<job_id>.out`` (the
+    job's stdout and stderr, appended by the job itself) and ``<job_id>.json`` (its final record),
+    and these names plus ``.tmp`` while they are written (then renamed: whole or absent).
+
+    Intent first: before a job is spawned, its line is appended to the journal in one write()
+    (begin()); the line is kept, through every rewrite of the journal, until the job's final
+    record is written. A record that cannot be written (disk full) keeps the job in the journal
+    with its final line, and is written by a later record(), by close(), or at the next start.
+    So a worker killed at any moment finds on restart (load()) every job it may have spawned:
+    a job with a record has ended; one with a journal line and an output file may still be
+    running, or had ended when only its final line got written. Retention (expire()) removes an
+    output before its record. Nothing is fsync()ed: this holds when the worker dies, not when
+    the machine does (after a power loss the newest lines, records and output may be missing).
+
+    The worker calls load() and open_journal() once, then begin() before it spawns a job and
+    abandon() if no job came of it; record() when a job ends; expire(); close() last."""
+
+    def __init__(self, path, keep_jobs):
+        self.path, self.keep_jobs = path, keep_jobs
+        self.lock = threading.Lock()
+        #: guards self._journal (fd of the journal), self._journal_bytes, self._unrecorded,
+        #: self._unwritten and self._finished
+        self._journal, self._journal_bytes = None, 0
+        self._unrecorded = {}     # job_id -> its journal line, until its record is written
+        self._unwritten = set()   # ended jobs whose record is still to be written
+        self._finished = deque()  # ids of jobs with a record, oldest first, for keep_jobs
+        self._lock_file = self._lock()
+        try:
+            self.worker_id = self._load_worker_id()
+        except OSError as e:  # disk full or read-only: a configuration error, not a traceback
+            self._lock_file.close()
+            raise ConfigError("cannot use state dir %s: %s" % (self.path, e.strerror or e))
+
+    def _lock(self):
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            lock_file = open(os.path.join(self.path, "lock"), "a+")
+        except OSError as e:
+            raise ConfigError("cannot use state dir %s: %s" % (self.path, e.strerror))
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            raise ConfigError("state dir %s is in use by another worker" % self.path)
+        return lock_file
+
+    def _load_worker_id(self):
+        path = os.path.join(self.path, "worker_id")
+        try:
+            with open(path) as f:
+                worker_id = f.read().strip()
+            if worker_id:
+                return worker_id
+        except FileNotFoundError:
+            pass
+        worker_id = str(uuid.uuid4())
+        write_atomically(path, worker_id.encode() + b"\n")
+        return worker_id
+
+    def load(self):
+        """What the last run left: (records of ended jobs, records of jobs it may have left
+        running), lists of dicts. The journal's last line for a job wins; a record file wins over
+        the journal. An output file that neither names is a job whose line was lost: it comes back
+        too, nameless, rather than be deleted."""
+        lines, records, outputs = {}, {}, {}
+        try:
+            with open(os.path.join(self.path, "journal"), "rb") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line.decode("utf-8"))
+                        lines[record["job_id"]] = record
+                    except (ValueError, KeyError, TypeError):
+                        pass  # the last line, cut short by a crash
+        except FileNotFoundError:
+            pass
+        for name in os.listdir(self.path):
+            path = os.path.join(self.path, name)
+            match = _JOB_FILE.match(name)
+            if name in ("journal.tmp", "worker_id.tmp") or match and match.group(2) == ".json.tmp":
+                _remove(path)  # a write the last run did not finish
+            elif match and match.group(2) == ".out":
+                outputs[match.group(1)] = path
+            elif match:
+                try:
+                    with open(path, "rb") as f:
+                        record = json.loads(f.read().decode("utf-8"))
+                    if not isinstance(record, dict) or record.get("job_id") != match.group(1):
+                        raise ValueError("not the record of job %s" % match.group(1))
+                    records[match.group(1)] = record
+                except (OSError, ValueError) as e:
+                    log.warning("ignoring unreadable job record %s: %s", path, e)
+        for job_id in set(records) - set(outputs):  # expire() removed the output, then we died
+            _remove(os.path.join(self.path, job_id + ".json"))
+            del records[job_id]
+        unsettled = []
+        for job_id in set(outputs) - set(records):
+            record = lines.get(job_id)
+            if not isinstance(record, dict):
+                try:
+                    started_at = os.stat(outputs[job_id]).st_mtime
+                except OSError:
+                    started_at = time.time()
+                record = {"job_id": job_id, "worker_id": self.worker_id, "command": "",
+                          "path": "", "args": [], "started_at": started_at}
+            unsettled.append(record)
+        return list(records.values()), unsettled
+
+    def open_journal(self, finished):
+        """Open the journal for appending (its old lines stay until compact_journal());
+        finished: the ids of the jobs with a record, oldest first."""
+        self._finished.extend(finished)
+        self._journal = os.open(os.path.join(self.path, "journal"),
+                                os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._journal_bytes = os.fstat(self._journal).st_size
+
+    def compact_journal(self):
+        """Rewrite the journal with the lines of the jobs that have no record yet; if that cannot
+        be written, the old journal stays (it holds those lines too)."""
+        with self.lock:
+            try:
+                self._rewrite_journal()
+            except OSError as e:
+                log.warning("cannot rewrite the journal in %s: %s", self.path, e.strerror or e)
+
+    def _rewrite_journal(self):
+        lines = list(self._unrecorded.values())
+        path = os.path.join(self.path, "journal")
+        write_atomically(path, b"".join(lines))
+        os.close(self._journal)
+        self._journal = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._journal_bytes = sum(map(len, lines))
+
+    def _append(self, line):
+        """Append a line in one write(), or nothing (a failed write is cut off); under self.lock."""
+        try:
+            if os.write(self._journal, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            os.ftruncate(self._journal, self._journal_bytes)
+            raise
+        self._journal_bytes += len(line)
+
+    def begin(self, job_id, line):
+        """Write down that a job is about to be spawned: its journal line, then its empty output
+        file, whose fd (O_APPEND) is returned. Unavailable if either cannot be written."""
+        with self.lock:
+            if self._journal is None:
+                raise Unavailable("worker is shutting down")
+            try:
+                if self._journal_bytes > JOURNAL_LIMIT:
+                    self._rewrite_journal()
+                self._append(line)
+            except OSError as e:
+                raise Unavailable("cannot write job record in %s: %s" % (self.path, e.strerror))
+            self._unrecorded[job_id] = line
+        try:
+            return os.open(self.output_path(job_id),
+                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        except OSError as e:
+            with self.lock:
+                self._unrecorded.pop(job_id, None)  # a line without an output file means nothing
+            raise Unavailable("cannot write job output in %s: %s" % (self.path, e.strerror))
+
+    def abandon(self, job_id):
+        """Settle the intent of a job that was not spawned: its output file goes, then its line."""
+        _remove(self.output_path(job_id))
+        with self.lock:
+            self._unrecorded.pop(job_id, None)
+
+    def output_path(self, job_id):
+        return os.path.join(self.path, job_id + ".out")
+
+    def output_size(self, job_id):
+        try:
+            return os.stat(self.output_path(job_id)).st_size
+        except OSError:
+            return 0
+
+    def record(self, job_id, line):
+        """Write an ended job's record (line: Job.to_record()); true once it is written. The
+        records that could not be written before are tried again first."""
+        self.retry()
+        return self._record(job_id, line)
+
+    def retry(self):
+        """Try again to write the records that could not be written."""
+        with self.lock:
+            if not self._unwritten:
+                return
+            due = [(job_id, self._unrecorded[job_id]) for job_id in self._unwritten]
+            self._unwritten = set()  # taken: one writer per record file at a time
+        for job_id, line in due:
+            self._record(job_id, line)
+
+    def _record(self, job_id, line):
+        try:
+            write_atomically(os.path.join(self.path, job_id + ".json"), line)
+        except OSError as e:
+            with self.lock:
+                first = self._unrecorded.get(job_id) != line
+                self._unrecorded[job_id] = line  # the final line, for every rewrite of the journal
+                self._unwritten.add(job_id)
+                if first and self._journal is not None:
+                    try:
+                        self._append(line)  # so the next start knows how the job ended
+                    except OSError:
+                        pass
+            if first:
+                log.error("cannot write the record of job %s: %s; it stays in the journal and "
+                          "is tried again", job_id, e.strerror or e)
+            return False
+        with self.lock:
+            self._unrecorded.pop(job_id, None)
+            self._finished.append(job_id)  # only now may expire() remove its files
+        return True
+
+    def expire(self, forget):
+        """Remove the oldest recorded jobs beyond keep_jobs: forget(job_id), then the output file,
+        then the record (a crash in between leaves a record without output: load() removes it)."""
+        while True:
+            with self.lock:
+                if len(self._finished) <= self.keep_jobs:
+                    return
+                job_id = self._finished.popleft()
+            forget(job_id)
+            _remove(self.output_path(job_id))
+            _remove(os.path.join(self.path, job_id + ".json"))
+
+    def close(self):
+        """Try the unwritten records once more, keep the journal lines of the jobs still without
+        one, and let go of the directory."""
+        self.retry()
+        with self.lock:
+            if self._journal is not None:
+                if self._unwritten:
+                    try:
+                        self._rewrite_journal()
+                    except OSError:
+                        pass  # their lines are in the old journal, if there was room
+                os.close(self._journal)
+                self._journal = None
+        self._lock_file.close()
+
+
+class JobTimeouts:
+    """The jobs' timeouts, kept by one thread instead of a threading.Timer each.
+
+    add(job_id, seconds) when a job starts, cancel(job_id) when it ends (an ended job holds
+    nothing); on_timeout(job_id) runs in a thread of its own, as a stop takes its grace period."""
+
+    def __init__(self, on_timeout):
+        self._on_timeout = on_timeout
+        self._lock = threading.Lock()
+        #: guards self._deadlines, self._heap, self._thread and self._closed
+        self._changed = threading.Condition(self._lock)
+        self._deadlines = {}  # job_id -> time.monotonic() deadline
+        self._heap = []       # (deadline, job_id), cancelled ones included until compacted
+        self._thread = None
+        self._closed = False
+
+    def add(self, job_id, seconds):
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            if self._closed:
+                return
+            self._deadlines[job_id] = deadline
+            heapq.heappush(self._heap, (deadline, job_id))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="jobsched-timeouts",
+                                                daemon=True)
+                self._thread.start()
+            elif self._heap[0][1] == job_id:
+                self._changed.notify()  # sooner than what the thread waits for
+
+    def cancel(self, job_id):
+        with self._lock:
+            if self._deadlines.pop(job_id, None) is None:
+                return
+            if len(self._heap) > 2 * len(self._deadlines) + 64:
+                self._heap = [(deadline, job) for job, deadline in self._deadlines.items()]
+                heapq.heapify(self._heap)
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            self._deadlines, self._heap = {}, []
+            self._changed.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=1.0)
+
+    def _run(self):
+        while True:
+            due = []
+            with self._lock:
+                while not self._closed and not due:
+                    now = time.monotonic()
+                    while self._heap and self._heap[0][0] <= now:
+                        deadline, job_id = heapq.heappop(self._heap)
+                        if self._deadlines.get(job_id) == deadline:
+                            del self._deadlines[job_id]
+                            due.append(job_id)
+                    if not due:
+                        self._changed.wait(min(self._heap[0][0] - now, 3600.0)
+                                           if self._heap else None)
+                if self._closed:
+                    return
+            for job_id in due:
+                threading.Thread(target=self._on_timeout, args=(job_id,),
+                                 name="jobsched-timeout", daemon=True).start()
+
+
 class Worker(_Role):
     """Runs jobs on this host: each in its own session, output appended to
     ``<state_dir>/<job_id>.out``, a record in ``<job_id>.json``, a waiter thread per job.
@@ -1343,7 +1763,7 @@ class Worker(_Role):
                  state_dir=None, slots=None, stop_grace=5.0, heartbeat=2.0, keep_jobs=10000,
                  allow=(), jobs_dir=None, rpc_timeout=10.0, max_request=MiB, read_timeout=30.0,
                  token=None, tls_cert=None, tls_key=None, tls_ca=None, insecure=False,
-                 security=None, spawn_method=None):
+                 security=None, allow_env=(), spawn_method=None):
         self.security = security or Security(token, tls_cert, tls_key, tls_ca, insecure)
         self.spawner = Spawner(spawn_method)
         self.slots = slots if slots is not None else (os.cpu_count() or 1)
@@ -1352,21 +1772,17 @@ class Worker(_Role):
         self.scheduler = scheduler
         self.jobs_dir = os.path.realpath(jobs_dir) if jobs_dir else None
         self.allowed = {self._resolve_executable(c, os.environ.get("PATH")) or c for c in allow}
+        # With --allow, the environment could run something else (LD_PRELOAD, BASH_ENV, ...).
+        self.allow_env = tuple(allow_env)
+        self._env_restricted = bool(allow or allow_env)
         self.state_dir = os.path.abspath(state_dir or default_state_dir())
-        # A job's environment is the worker's without the cluster token (None: inherit it
-        # as it is, which spares Popen a copy of the environment per job).
-        self._base_env = ({k: v for k, v in os.environ.items() if k != "JOBSCHED_TOKEN"}
-                          if "JOBSCHED_TOKEN" in os.environ else None)
+        # No credential reaches a job: none of the worker's JOBSCHED_* variables are passed on.
+        self._base_env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSCHED_")}
         self.jobs_lock = threading.Lock()
-        #: guards self._jobs, self._starting, self._finished, self._running, self._closing and
-        #: every Job's state
+        #: guards self._jobs, self._starting, self._running, self._closing and every Job's
+        #: state, exited and stop_reason
         self._job_changed = threading.Condition(self.jobs_lock)  # notified when a job ends
-        self.journal_lock = threading.Lock()
-        #: guards self._journal (fd of <state-dir>/journal) and self._journal_bytes; taken
-        #: before jobs_lock, never while holding it
-        self._journal, self._journal_bytes = None, 0
         self._jobs = {}
-        self._finished = deque()  # finished job ids, oldest first, for --keep-jobs
         self._running = 0
         self._starting = set()  # job ids being spawned: a second start of one waits for the first
         self._closing = False
@@ -1374,13 +1790,14 @@ class Worker(_Role):
         self._beat_now = threading.Event()  # set when a job ends, and by close()
         self._registered = False  # written by the heartbeat thread only
         self.metrics = Metrics()
+        self._timeouts = JobTimeouts(self._timed_out)
         if advertise:
             parse_address(advertise)
-        self._lock_file = self._lock_state_dir()
+        self.state = WorkerStateDir(self.state_dir, keep_jobs)
+        self.worker_id = self.state.worker_id
         try:
             try:
-                self.worker_id = self._load_worker_id()
-                self._load_records()
+                self._load_jobs()
             except OSError as e:  # disk full or read-only: a configuration error, not a traceback
                 raise ConfigError("cannot use state dir %s: %s" % (self.state_dir, e.strerror or e))
             self.server = RPCServer(listen, self.security, {
@@ -1389,9 +1806,7 @@ class Worker(_Role):
             }, max_request=max_request, read_timeout=read_timeout,
                 page_routes={("GET", "/metrics"): lambda request: metrics_reply(worker_metrics(self))})
         except BaseException:
-            if self._journal is not None:
-                os.close(self._journal)
-            self._lock_file.close()
+            self.state.close()
             raise
         if advertise:
             self.advertise = advertise
@@ -1402,150 +1817,80 @@ class Worker(_Role):
             self.advertise = "%s:%s" % (host, port)
         self._threads = []
 
-    # -- state dir -----------------------------------------------------------------------------
+    # -- restart -------------------------------------------------------------------------------
 
-    def _lock_state_dir(self):
-        try:
-            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            lock_file = open(os.path.join(self.state_dir, "lock"), "a+")
-        except OSError as e:
-            raise ConfigError("cannot use state dir %s: %s" % (self.state_dir, e.strerror))
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock_file.close()
-            raise ConfigError("state dir %s is in use by another worker" % self.state_dir)
-        return lock_file
+    def _load_jobs(self):
+        """Bring back the jobs of the last run and settle what it left: every process of a job
+        without a record is SIGKILLed, and the job recorded as lost (or as it ended, when its
+        final line got into the journal)."""
+        finished, unsettled = self.state.load()
+        jobs = sorted(self._jobs_from(finished), key=lambda j: j.finished_at or 0)
+        self._jobs.update((job.job_id, job) for job in jobs)
+        self.state.open_journal([job.job_id for job in jobs])
+        unsettled = self._jobs_from(unsettled)
+        leaders = self._kill_leftovers(set(self._jobs), unsettled)
+        for job in unsettled:
+            if job.state == "running":
+                job.state, job.finished_at = "lost", time.time()
+                job.error_text = "lost: the worker restarted while the job was running"
+                job.pid = job.pid or leaders.get(job.job_id)
+                job.output_bytes = self.state.output_size(job.job_id)
+                log.info("job %s lost: the worker restarted while it was running", job.job_id)
+            job.finished = _ENDED
+            self._jobs[job.job_id] = job
+            self.state.record(job.job_id, job.to_record())
+        self.state.compact_journal()
+        self._expire_jobs()
 
-    def _load_worker_id(self):
-        path = os.path.join(self.state_dir, "worker_id")
-        try:
-            with open(path) as f:
-                worker_id = f.read().strip()
-            if worker_id:
-                return worker_id
-        except FileNotFoundError:
-            pass
-        worker_id = str(uuid.uuid4())
-        write_atomically(path, worker_id.encode() + b"\n")
-        return worker_id
-
-    def _load_records(self):
-        """Bring back finished jobs; jobs that were running when the worker died become lost.
-
-        A started job is one line appended to ``journal`` (no file to create on the hot path);
-        an ended one has its ``<job_id>.json``, which wins over its journal line."""
-        journal = os.path.join(self.state_dir, "journal")
-        records, outputs = {}, set()
-        try:
-            with open(journal, "rb") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line.decode("utf-8"))
-                        records[record["job_id"]] = record
-                    except (ValueError, KeyError, TypeError):
-                        pass  # the last line, cut short by a crash
-        except FileNotFoundError:
-            pass
-        for name in os.listdir(self.state_dir):
-            path = os.path.join(self.state_dir, name)
-            if name.endswith(".tmp"):
-                os.unlink(path)  # a write the last run did not finish
-            elif name.endswith(".out"):
-                outputs.add(name[:-4])
-            elif name.endswith(".json"):
-                try:
-                    with open(path, "rb") as f:
-                        records[name[:-5]] = json.loads(f.read().decode("utf-8"))
-                except (OSError, ValueError) as e:
-                    log.warning("ignoring unreadable job record %s: %s", path, e)
-        for job_id in outputs - set(records):  # created, then the worker died before the journal
-            os.unlink(self._out_path(job_id))
-        for job_id in set(records) - outputs:  # removed by --keep-jobs; its journal line lingers
-            del records[job_id]
+    @staticmethod
+    def _jobs_from(records):
         jobs = []
-        for job_id, record in records.items():
+        for record in records:
             try:
                 jobs.append(Job.from_record(record))
             except (KeyError, TypeError, AttributeError) as e:
-                log.warning("ignoring unreadable record of job %s: %s", job_id, e)
-        for job in jobs:
-            if job.state == "running":
-                current = process_start_time(job.pid) if job.pid else None
-                if job.pid and (current is None or current == job.proc_start):
-                    signal_group(job.pid, signal.SIGKILL)  # not a reused pid: ours, still alive
-                job.state, job.finished_at = "lost", time.time()
-                job.error_text = "lost: the worker restarted while the job was running"
-                job.output_bytes = self._output_size(job.job_id)
-                job.finished = _ENDED
-                self._write_record(job)
-                log.info("job %s lost: the worker restarted while it was running", job.job_id)
-        for job in sorted(jobs, key=lambda j: j.finished_at or 0):
-            self._jobs[job.job_id] = job
-            self._finished.append(job.job_id)
-        self._expire_jobs()
-        self._journal = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        self._journal_bytes = 0
+                log.warning("ignoring unreadable record of job %s: %s", record.get("job_id"), e)
+        return jobs
 
-    def _journal_started(self, job):
-        """Append the job's line to the journal and make it visible, both under journal_lock, so
-        a rewrite of the journal finds every job in the old file or in self._jobs."""
-        line = job.to_record() + b"\n"
-        with self.journal_lock:
-            if self._journal is None:
-                raise Unavailable("worker is shutting down")
-            if self._journal_bytes > JOURNAL_LIMIT:
-                self._rewrite_journal()
+    def _kill_leftovers(self, recorded, unsettled):
+        """SIGKILL the process group of every process marked as a job of this worker whose job
+        has no record, and wait for them to die; returns {job_id: pid} of the jobs' leaders found.
+
+        Journal lines of earlier versions name the pid instead (checked against its start time)."""
+        groups, leaders = set(), {}
+        for pid, job_id, start_time in find_job_processes(self.worker_id):
+            if job_id in recorded or (start_time and process_start_time(pid) != start_time):
+                continue  # a finished job's process that left its group, or the pid was reused
             try:
-                if os.write(self._journal, line) != len(line):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                pgid = os.getpgid(pid)
             except OSError:
-                os.ftruncate(self._journal, self._journal_bytes)  # no half line before the next
-                raise
-            self._journal_bytes += len(line)
-            with self.jobs_lock:
-                if self._closing:  # close() has taken its list of jobs to stop
-                    raise Unavailable("worker is shutting down")
-                self._jobs[job.job_id] = job
-
-    def _rewrite_journal(self):
-        """Keep only the lines of jobs whose final record is not written yet (under journal_lock)."""
-        with self.jobs_lock:
-            lines = [job.to_record() + b"\n" for job in self._jobs.values()
-                     if not job.finished.is_set()]
-        path = os.path.join(self.state_dir, "journal")
-        write_atomically(path, b"".join(lines))
-        os.close(self._journal)
-        self._journal = os.open(path, os.O_WRONLY | os.O_APPEND)
-        self._journal_bytes = sum(map(len, lines))
-
-    def _out_path(self, job_id):
-        return os.path.join(self.state_dir, job_id + ".out")
-
-    def _output_size(self, job_id):
-        try:
-            return os.stat(self._out_path(job_id)).st_size
-        except OSError:
-            return 0
-
-    def _write_record(self, job):
-        with self.jobs_lock:
-            record = job.to_record()
-        write_atomically(os.path.join(self.state_dir, job.job_id + ".json"), record)
+                continue
+            if pgid == pid:
+                leaders[job_id] = pid
+            if pgid != os.getpgrp():
+                signal_group(pgid, signal.SIGKILL)
+                groups.add(pgid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            log.info("killed process %d of job %s, left running by the last run", pid, job_id)
+        for job in unsettled:
+            if job.state == "running" and job.pid and job.proc_start is not None:
+                current = process_start_time(job.pid)
+                if current is None or current == job.proc_start:
+                    signal_group(job.pid, signal.SIGKILL)
+                    groups.add(job.pid)
+        for pgid in groups:
+            wait_group_gone(pgid, timeout=1.0)
+        return leaders
 
     def _expire_jobs(self):
-        """Forget the oldest finished jobs beyond keep_jobs, files first."""
-        while True:
+        """Forget the oldest recorded jobs beyond keep_jobs, then remove their files."""
+        def forget(job_id):
             with self.jobs_lock:
-                if len(self._finished) <= self.keep_jobs:
-                    return
-                job_id = self._finished.popleft()
                 self._jobs.pop(job_id, None)
-            for suffix in (".json", ".out"):
-                try:
-                    os.unlink(os.path.join(self.state_dir, job_id + suffix))
-                except OSError:
-                    pass
+        self.state.expire(forget)
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -1622,13 +1967,17 @@ class Worker(_Role):
             if self._closing:
                 return
             self._closing = True
-            running = [job for job in self._jobs.values() if not job.done]
+            while self._starting:  # no start outlives close(): each ends in the list below
+                self._job_changed.wait()
+            # Running jobs, and ended ones whose waiter is still writing: none outlives close().
+            running = [job for job in self._jobs.values() if not job.finished.is_set()]
         self.server.close()
         stoppers = [threading.Thread(target=self._stop_job, args=(job, "stopped")) for job in running]
         for thread in stoppers:
             thread.start()
         for thread in stoppers:
             thread.join()
+        self._timeouts.close()
         self._closed.set()
         self._beat_now.set()
         if self._registered:  # here, not in the heartbeat thread: it may be stuck in a call
@@ -1641,10 +1990,7 @@ class Worker(_Role):
             scheduler.close()
         for thread in self._threads:  # daemon threads: one stuck in a call is not waited for
             thread.join(timeout=0.1)
-        with self.journal_lock:
-            os.close(self._journal)
-            self._journal = None
-        self._lock_file.close()
+        self.state.close()
         log.info("worker %s stopped", self.worker_id)
 
     # -- the RPCs ------------------------------------------------------------------------------
@@ -1668,15 +2014,28 @@ class Worker(_Role):
             raise BadRequest("path %s escapes the jobs dir" % _short(path))
         return resolved
 
+    def _job_env(self, env):
+        """The worker's environment without JOBSCHED_*, plus the job's env; with --allow or
+        --allow-env, only names that --allow-env allows."""
+        for name in env:
+            if name in (JOB_ID_VARIABLE, WORKER_ID_VARIABLE):
+                raise BadRequest("env %s is set by the worker" % name)
+            if self._env_restricted and not any(fnmatch.fnmatchcase(name, allowed)
+                                                for allowed in self.allow_env):
+                raise BadRequest("env %s is not allowed on this worker (see --allow-env)"
+                                 % _short(name))
+        job_env = dict(self._base_env)
+        job_env.update(env)
+        return job_env
+
     def start(self, command, path, options=None):
         """Start ``[command] + ([path] if path else []) + args``; no shell. Returns the job_id."""
         want_str(command, "command", empty=False)
         want_str(path, "path")
         opts = parse_job_options(options if options is not None else {})
-        env = (dict(self._base_env or os.environ, **opts["env"]) if opts["env"]
-               else self._base_env)
+        env = self._job_env(opts["env"])
         if self.allowed:
-            executable = self._resolve_executable(command, (env or os.environ).get("PATH"))
+            executable = self._resolve_executable(command, env.get("PATH"))
             if executable not in self.allowed:
                 raise BadRequest("command %s is not allowed on this worker" % _short(command))
             # Run the file that was checked: Popen would search PATH again, from the job's cwd.
@@ -1710,41 +2069,29 @@ class Worker(_Role):
         return job.job_id
 
     def _spawn(self, job_id, command, path, opts, argv, env):
+        """Write down the intent, spawn the job marked with its ids, start its waiter."""
         job = Job(job_id, self.worker_id, command, path, opts["args"])
-        out_path = self._out_path(job.job_id)
-        try:
-            out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        except OSError as e:
-            raise Unavailable("cannot write job output in %s: %s" % (self.state_dir, e.strerror))
+        env[JOB_ID_VARIABLE], env[WORKER_ID_VARIABLE] = job_id, self.worker_id
+        out = self.state.begin(job_id, job.to_record())
         try:
             job.process = self.spawner.spawn(argv, out, opts["cwd"], env, opts.get("executable"))
         except OSError as e:
-            os.unlink(out_path)
+            self.state.abandon(job_id)
             reason = "%s%s" % (e.strerror or e, ": " + str(e.filename) if e.filename else "")
             if isinstance(e, FileNotFoundError) and " " in argv[0] \
                     and e.filename in (None, argv[0]):
                 reason += " (commands do not go through a shell: use sh -c '...')"
             raise BadRequest(self._cannot_start(argv, reason))
         except (ValueError, TypeError) as e:
-            os.unlink(out_path)
+            self.state.abandon(job_id)
             raise BadRequest(self._cannot_start(argv, e))
         finally:
             os.close(out)
         job.pid = job.process.pid
-        job.proc_start = process_start_time(job.pid)
-        try:
-            self._journal_started(job)
-        except (OSError, Unavailable) as e:
-            signal_group(job.pid, signal.SIGKILL)
-            job.process.wait()
-            os.unlink(out_path)
-            if isinstance(e, Unavailable):
-                raise
-            raise Unavailable("cannot write job record in %s: %s" % (self.state_dir, e.strerror))
+        with self.jobs_lock:
+            self._jobs[job_id] = job
         if opts["timeout"] is not None:
-            job.timer = threading.Timer(opts["timeout"], self._stop_job, (job, "timeout"))
-            job.timer.daemon = True
-            job.timer.start()
+            self._timeouts.add(job_id, opts["timeout"])
         # threading.Thread.start() would wait for the new thread to run: a quarter of a start.
         _thread.start_new_thread(self._wait_for, (job,))
         return job
@@ -1754,24 +2101,27 @@ class Worker(_Role):
                                                           socket.gethostname(), reason)
 
     def _wait_for(self, job):
-        """The waiter: record the outcome under the lock, then write it down."""
+        """The waiter: once the leader has exited, SIGKILL what is left of its process group,
+        reap it, record the outcome under the lock, then write it down."""
+        held = False  # the leader is an unreaped zombie: its group id cannot be reused
         if hasattr(os, "waitid"):
-            # Wait without reaping: the group id cannot be reused while the leader is a zombie,
-            # so a stopped job's survivors can be killed safely.
             try:
                 os.waitid(os.P_PID, job.pid, os.WEXITED | os.WNOWAIT)
+                held = True
             except ChildProcessError:
                 pass
-        else:  # macOS: reap first; the group id is then free again, a window of microseconds
+        else:  # macOS before Python 3.13: reap first; the group id is then free again
             job.process.wait()
         with self.jobs_lock:
-            stopping = job.stop_reason is not None
-        if stopping:
-            signal_group(job.pid, signal.SIGKILL)  # no grandchild outlives a stop
+            job.exited = True  # from now on neither stop nor timeout signals the group
+        killed = held or not hasattr(os, "waitid")  # macOS: after reaping, a window of microseconds
+        if killed:
+            signal_group(job.pid, signal.SIGKILL)  # no process outlives the job in its group
         returncode = job.process.wait()
-        if job.timer is not None:
-            job.timer.cancel()
-        output_bytes = self._output_size(job.job_id)
+        if killed and not wait_group_gone(job.pid):
+            log.warning("job %s: processes of its group still alive 2 s after SIGKILL", job.job_id)
+        self._timeouts.cancel(job.job_id)
+        output_bytes = self.state.output_size(job.job_id)  # final: no writer is left in the group
         with self.jobs_lock:
             job.process = None
             job.finished_at = time.time()
@@ -1786,39 +2136,51 @@ class Worker(_Role):
             # Under jobs_lock, so that a scrape sees these bytes in the counter or in the job.
             self.metrics.job_ended(job.state, job.finished_at - job.started_at, output_bytes)
             self._job_changed.notify_all()
+            record = job.to_record()
         self._beat_now.set()
-        try:
-            self._write_record(job)
-        except OSError as e:
-            log.error("cannot write the record of job %s: %s", job.job_id, e)
-        with self.jobs_lock:
-            self._finished.append(job.job_id)  # only now may --keep-jobs remove its files
-        job.finished.set()
-        job.finished = _ENDED  # waiters hold the set Event; later ones get the shared one
+        self.state.record(job.job_id, record)
         log.info("job %s %s%s", job.job_id, job.state, ": " + job.error_text if job.error_text else "")
         self._expire_jobs()
+        job.finished.set()
+        job.finished = _ENDED  # waiters hold the set Event; later ones get the shared one
 
     def _get(self, job_id):
         return lookup(self._jobs, self.jobs_lock, job_id, "job")
 
-    def _stop_job(self, job, reason):
-        """TERM the group, KILL it after the grace period; true once the job has ended."""
+    def _signal_running(self, job, signum, reason):
+        """Signal the job's process group if its leader has not exited; true if sent.
+
+        Under jobs_lock, with job.exited false and the leader not a zombie yet, the waiter has
+        not reaped it, so the group id is the job's. A job whose leader exited first is recorded
+        as it ended, never as stopped."""
         with self.jobs_lock:
-            if job.done or job.process is None:
-                return True
+            if job.done or job.exited or job.process is None or leader_exited(job.pid):
+                return False
             if job.stop_reason is None:
                 job.stop_reason = reason
+            signal_group(job.pid, signum)
+            return True
+
+    def _stop_job(self, job, reason):
+        """TERM the group, KILL it after the grace period; true once the job has ended."""
+        if not self._signal_running(job, signal.SIGTERM, reason):
+            return job.finished.wait(self.stop_grace + 3.0)  # ended, or its waiter is finishing
         log.info("job %s: stopping (%s)", job.job_id, reason)
-        signal_group(job.pid, signal.SIGTERM)
         if not job.finished.wait(self.stop_grace):
-            signal_group(job.pid, signal.SIGKILL)
-            return job.finished.wait(1.0)
+            self._signal_running(job, signal.SIGKILL, reason)
+            return job.finished.wait(3.0)
         return True
+
+    def _timed_out(self, job_id):
+        with self.jobs_lock:
+            job = self._jobs.get(job_id)
+        if job is not None:
+            self._stop_job(job, "timeout")
 
     def stop(self, job_id):
         """TERM the job's process group, KILL it after the grace period; true once it has ended."""
         if not self._stop_job(self._get(job_id), "stopped"):
-            raise Unavailable("job %s has not ended 1 s after SIGKILL" % job_id)
+            raise Unavailable("job %s has not ended 3 s after SIGKILL" % job_id)
         return True
 
     def query(self, job_id):
@@ -1829,7 +2191,8 @@ class Worker(_Role):
         with self.jobs_lock:
             struct = job.to_struct()
         if not struct["done"]:
-            struct["output_bytes"] = wire_int(self._output_size(job.job_id))
+            struct["output_bytes"] = wire_int(self.state.output_size(job.job_id))
+            struct["stop_grace"] = self.stop_grace  # how long a stop of it may take
         return struct
 
     def jobs(self):
@@ -1862,7 +2225,7 @@ class Worker(_Role):
 
     def _read_output(self, job_id, offset, max_bytes):
         try:
-            with open(self._out_path(job_id), "rb") as f:
+            with open(self.state.output_path(job_id), "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if offset >= size:
                     return b"", size
@@ -2535,7 +2898,7 @@ def worker_metrics(worker):
     samples["jobsched_jobs_running"] = [("", "", len(running))]
     samples["jobsched_slots"] = [("", "", slots)]
     ended = samples["jobsched_output_bytes_total"]
-    growing = sum(worker._output_size(job_id) for job_id in running)
+    growing = sum(worker.state.output_size(job_id) for job_id in running)
     samples["jobsched_output_bytes_total"] = [("", "", (ended[0][2] if ended else 0) + growing)]
     _zero_finished_states(samples)
     samples.update(process_samples())
@@ -3056,7 +3419,11 @@ class Client(RPCClient):
         return self.call("start", *args)
 
     def stop(self, *ids):
-        return self.call("stop", *ids, timeout=self.timeout + 60)
+        """True once the job has ended: waits as long as its worker's grace period allows (a
+        running job's struct tells it), plus the timeout."""
+        job = self.query(*ids)
+        margin = job["stop_grace"] + 5 if "stop_grace" in job else 60
+        return self.call("stop", *ids, timeout=self.timeout + margin)
 
     def query(self, *ids):
         return self.call("query", *ids)
@@ -3234,6 +3601,7 @@ def cmd_worker(args):
     worker = Worker(args.listen, scheduler=args.scheduler or None, advertise=args.advertise,
                     state_dir=args.state_dir, slots=args.slots, stop_grace=args.stop_grace,
                     heartbeat=args.heartbeat, keep_jobs=args.keep_jobs, allow=args.allow,
+                    allow_env=args.allow_env,
                     jobs_dir=args.jobs_dir, rpc_timeout=args.rpc_timeout,
                     max_request=args.max_request, security=_security_from_args(args),
                     spawn_method=None if args.spawn_method == "auto" else args.spawn_method)
@@ -3696,6 +4064,9 @@ def build_parser():
                      help="how jobs are started: posix_spawn (vfork, fast on every Python; Linux "
                           "with glibc 2.26+) or popen (subprocess); auto picks posix_spawn where it "
                           "works (default: %(default)s)")
+    sub.add_argument("--allow-env", metavar="NAME", action="append", default=[],
+                     help="the only env names a job may set once --allow or --allow-env is given "
+                          "(repeatable; shell wildcards such as APP_*)")
     sub.add_argument("--jobs-dir", metavar="DIR",
                      help="resolve 'path' inside DIR and refuse anything that escapes it")
 

@@ -706,7 +706,7 @@ class WorkerRPCTest(ClusterTestCase):
         running = self.c.query(job_id)
         self.assertEqual((running["state"], running["done"], running["error"], running["error_text"]),
                          ("running", False, False, ""))
-        self.assertEqual(set(running), job_keys())
+        self.assertEqual(set(running), job_keys("stop_grace"))
         self.assertTrue(pid_alive(running["pid"]))
         self.assertIs(self.c.stop(job_id), True)
         job = self.c.query(job_id)  # stop returns once the job has ended
@@ -916,10 +916,13 @@ class WorkerStateDirTest(ClusterTestCase):
         for job_id in ids:
             wait_until(lambda: fault_of(c.query, job_id) or c.query(job_id)["done"],
                        message="job %s to end or be removed" % job_id)
-        wait_until(lambda: job_files(state_dir) == sorted([ids[-1] + ".json", ids[-1] + ".out"]),
-                   message="only the newest job's files")
+        def kept():  # the job that finished last: not always the last one started
+            files = job_files(state_dir)
+            return len(files) == 2 and files[0][:-5] == files[1][:-4] and files[1][:-4]
+        job_id = wait_until(kept, message="only the files of the job that finished last")
         c2 = self.client(self.worker(None, state_dir=self.restart_copy(state_dir), keep_jobs=1))
-        self.assertEqual([(j["job_id"], j["state"]) for j in c2.jobs()], [(ids[-1], "failed")])
+        self.assertEqual([(j["job_id"], j["exit_code"]) for j in c2.jobs()],
+                         [(job_id, ids.index(job_id) % 3)])
 
     def restart_copy(self, state_dir):
         """The state dir as a worker restarted on it would find it (the original stays locked)."""
@@ -937,6 +940,8 @@ class WorkerStateDirTest(ClusterTestCase):
         finished = [c.start("sh", "", sh_args("exit %d" % n)) for n in (0, 3)]
         for job_id in finished:
             self.wait_done(c, job_id)
+        wait_until(lambda: all(os.path.exists(os.path.join(state_dir, job_id + ".json"))
+                               for job_id in finished), message="the records of the ended jobs")
         last = c.start("true", "")  # its rewrite drops the lines of the jobs that have ended
         self.wait_done(c, last)
         records = [os.path.join(state_dir, job_id + ".json") for job_id in finished + [last]]
@@ -1150,7 +1155,7 @@ class JsonApiTest(ClusterTestCase):
         job_id = reply["job_id"]
         status, job = http_call(a, "POST", "/query", {"worker_id": w.worker_id, "job_id": job_id})
         self.assertEqual(status, 200)
-        self.assertEqual(set(job), job_keys())
+        self.assertEqual(set(job), job_keys("stop_grace"))  # running
         self.assertEqual((job["done"], job["error"], job["error_text"], job["command"], job["path"]),
                          (False, False, "", "sleep", "300"))
         self.assertEqual(http_call(a, "POST", "/stop", {"worker_id": w.worker_id, "job_id": job_id}),
@@ -1335,7 +1340,7 @@ class CommandLineTest(ClusterTestCase):
             self.assertEqual(proc.returncode, 0, (args, stderr))
             out[args] = stdout.decode()
         job = json.loads(out[calls[0]])
-        self.assertEqual(set(job), job_keys())
+        self.assertEqual(set(job), job_keys("stop_grace"))  # running
         self.assertEqual((job["job_id"], job["state"], job["args"]), (job_id, "running", ["300"]))
         self.assertIn("state: running", out[calls[1]])
         self.assertIn(job_id, [j["job_id"] for j in json.loads(out[calls[2]])["jobs"]])
@@ -1885,13 +1890,15 @@ class TokenTest(ClusterTestCase):
     def test_token_not_in_ps_job_environment_or_log(self):
         proc, address = self.spawn("worker", "--listen", "127.0.0.1:0", "--scheduler", "",
                                    "--state-dir", self.tempdir(), "--log-level", "debug",
-                                   env={"JOBSCHED_TOKEN": TOKEN, "JOBSCHED_CANARY": "visible"})
+                                   env={"JOBSCHED_TOKEN": TOKEN, "JOBSCHED_CANARY": "hidden",
+                                        "CANARY": "visible"})
         self.assertNotIn(TOKEN.encode(), self.process_args(proc.pid))
         client = self.client(address, token=TOKEN)
         job_id = client.start("env", "")
         self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
         environment = client.output(job_id)["data"]
-        self.assertIn(b"JOBSCHED_CANARY=visible", environment)  # it is the worker's environment
+        self.assertIn(b"CANARY=visible", environment)  # it is the worker's environment,
+        self.assertNotIn(b"JOBSCHED_CANARY", environment)  # without any JOBSCHED_* variable
         self.assertNotIn(TOKEN.encode(), environment)
         self.assertNotIn(b"JOBSCHED_TOKEN", environment)
         for token in ("wrong-1", "wrong-2"):
@@ -1935,7 +1942,7 @@ class SafeDefaultsTest(ClusterTestCase):
             self.assertNotIn("older than 2.6.0", log_text)
 
     def test_allow_limits_commands(self):
-        worker = self.worker(None, allow=["echo"])
+        worker = self.worker(None, allow=["echo"], allow_env=["PATH"])
         client = self.client(worker)
         job_id = client.start("echo", "", {"args": ["allowed"]})
         self.wait_done(client, job_id)
@@ -3575,6 +3582,360 @@ class BrowserTest(ClusterTestCase):
         self.assertTrue(png.startswith(b"\x89PNG\r\n\x1a\n"))
         with open(os.path.join(HERE, "examples", "status.png"), "wb") as f:
             f.write(png)
+
+
+def proc_environ(pid):
+    """The environment of a process as a list of b"NAME=VALUE" (empty if gone or unreadable)."""
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def marked_processes(worker_id):
+    """Live processes whose environment marks them as jobs of worker_id (Linux: /proc)."""
+    marker = ("JOBSCHED_WORKER_ID=%s" % worker_id).encode()
+    return [int(name) for name in os.listdir("/proc")
+            if name.isdigit() and marker in proc_environ(int(name)) and pid_alive(int(name))]
+
+
+def kill_marked(worker_id):
+    """Cleanup: SIGKILL whatever a failed test left of a worker's jobs."""
+    for pid in marked_processes(worker_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def child_processes(parent):
+    """[(pid, start token)] of parent's children (Linux: /proc)."""
+    children = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                ppid = int(f.read().rpartition(b")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == parent:
+            children.append((int(name), jobsched.process_start_time(int(name))))
+    return children
+
+
+class WorkerHardeningTest(ClusterTestCase):
+    """No job process outlives a crash unsupervised, no job is forgotten, nothing is left behind,
+    stop never races a job's own exit, jobs get no credential."""
+
+    @unittest.skipUnless(os.path.isdir("/proc"), "scans /proc")
+    def test_worker_killed_while_starting_jobs_leaves_no_job_process(self):
+        state_dir = self.tempdir()
+        proc, address = self.spawn("worker", "--listen", "127.0.0.1:0", "--scheduler", "",
+                                   "--state-dir", state_dir, "--slots", "500")
+        worker_id = self.client(address).info()["worker_id"]
+        self.addCleanup(kill_marked, worker_id)
+        started, stopping = [], threading.Event()
+
+        def start_jobs():
+            client = jobsched.Client(address, timeout=5)
+            try:
+                while not stopping.is_set():
+                    started.append(client.start("sleep", "", {"args": ["300"]}))
+            except jobsched.JobschedError:
+                pass  # the worker was killed
+            finally:
+                client.close()
+        threads = [threading.Thread(target=start_jobs) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        self.addCleanup(lambda: [thread.join(10) for thread in threads])
+        self.addCleanup(stopping.set)
+        wait_until(lambda: len(started) >= 12, message="jobs to start")
+        # Frozen mid-start, the worker's children are every process it has spawned.
+        proc.send_signal(signal.SIGSTOP)
+        children = child_processes(proc.pid)
+        proc.kill()
+        proc.wait(timeout=10)
+        stopping.set()
+        for pid, start_time in children:
+            self.addCleanup(kill_if_same, pid, start_time)
+        self.assertGreaterEqual(len(children), 12)
+        job_id = started[0]
+        pid = [p for p, _ in children if ("JOBSCHED_JOB_ID=%s" % job_id).encode()
+               in proc_environ(p)]
+        self.assertEqual(len(pid), 1, "a job's process carries its job id")
+        self.assertIn(("JOBSCHED_WORKER_ID=%s" % worker_id).encode(), proc_environ(pid[0]))
+
+        restarted = self.client(self.worker(None, state_dir=state_dir))
+        listed = {job["job_id"]: job for job in restarted.jobs()}
+        self.assertLessEqual(set(started), set(listed))
+        self.assertEqual({job["state"] for job in listed.values()}, {"lost"})
+        wait_until(lambda: not any(pid_alive(p) for p, _ in children),
+                   message="every process the killed worker spawned to be gone")
+        self.assertEqual(marked_processes(worker_id), [])
+        self.assertEqual(listed[job_id]["pid"], pid[0])  # found by its marks
+
+    def test_jobs_get_their_ids_and_no_jobsched_variable(self):
+        leaked = "http://jobsched:%s@127.0.0.1:1" % TOKEN
+        proc, address = self.spawn("worker", "--listen", "127.0.0.1:0", "--scheduler", "",
+                                   "--state-dir", self.tempdir(),
+                                   env={"JOBSCHED_TOKEN": TOKEN, "JOBSCHED_SCHEDULER": leaked,
+                                        "JOBSCHED_OTHER": "x"})
+        client = self.client(address, token=TOKEN)
+        worker_id = client.info()["worker_id"]
+        for options in ({}, {"env": {"APP_SETTING": "1"}}, {"env": {"JOBSCHED_SCHEDULER": "mine"}}):
+            with self.subTest(options=options):
+                job_id = client.start("env", "", options)
+                self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+                lines = client.output(job_id)["data"].decode().splitlines()
+                own = ["%s=%s" % pair for pair in options.get("env", {}).items()
+                       if pair[0].startswith("JOBSCHED_")]
+                self.assertEqual(sorted(line for line in lines if line.startswith("JOBSCHED_")),
+                                 sorted(own + ["JOBSCHED_JOB_ID=" + job_id,
+                                               "JOBSCHED_WORKER_ID=" + worker_id]))
+                self.assertNotIn(TOKEN, "\n".join(lines))
+        for name in ("JOBSCHED_JOB_ID", "JOBSCHED_WORKER_ID"):
+            with self.assertRaises(jobsched.BadRequest) as caught:
+                client.start("env", "", {"env": {name: str(uuid.uuid4())}})
+            self.assertIn(name, str(caught.exception))
+
+    def test_allow_env_limits_the_names_a_job_may_set(self):
+        client = self.client(self.worker(None, allow=["env"], allow_env=["APP_*", "LANG"]))
+        job_id = client.start("env", "", {"env": {"APP_ONE": "1", "LANG": "C"}})
+        self.wait_done(client, job_id)
+        self.assertIn(b"APP_ONE=1\n", client.output(job_id)["data"])
+        for name in ("LD_PRELOAD", "BASH_ENV", "BASH_FUNC_env%%", "PYTHONSTARTUP", "PERL5OPT",
+                     "PATH", "app_one", "LANGUAGE"):
+            with self.subTest(name=name):
+                with self.assertRaises(jobsched.BadRequest) as caught:
+                    client.start("env", "", {"env": {"APP_TWO": "2", name: "/tmp/x"}})
+                self.assertIn(name, str(caught.exception))
+        self.assertEqual(len(client.jobs()), 1)
+        # The command line option; with --allow and no --allow-env, no name at all.
+        for extra, allowed in ((["--allow-env", "APP_*"], True), ([], False)):
+            _, address = self.spawn("worker", "--listen", "127.0.0.1:0", "--scheduler", "",
+                                    "--state-dir", self.tempdir(), "--allow", "env", *extra)
+            cli_client = self.client(address)
+            error = fault_of(cli_client.start, "env", "", {"env": {"APP_ONE": "1"}})
+            self.assertEqual(error is None, allowed, error)
+            self.assertIn("LD_PRELOAD", str(fault_of(cli_client.start, "env", "",
+                                                     {"env": {"LD_PRELOAD": "x.so"}})))
+
+    def test_token_file_that_is_not_a_regular_file_is_refused_as_such(self):
+        directory = self.tempdir()
+        fifo = os.path.join(directory, "fifo")
+        os.mkfifo(fifo, 0o600)
+        os.chmod(directory, 0o700)
+        for path in (directory, fifo):
+            with self.subTest(path=path):
+                done = self.cli("workers", "--token-file", path, "--scheduler", "127.0.0.1:1",
+                                timeout=15)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertIn("token file %s is not a regular file" % path, done.stderr.decode())
+                self.assertNotIn("chmod", done.stderr.decode())
+
+    def test_job_group_is_killed_before_the_job_is_recorded_done(self):
+        client = self.client(self.worker(None))
+        pidfile = os.path.join(self.tempdir(), "pid")
+        # The leader exits at once; a process it left in its group writes as fast as it can.
+        job_id = client.start("sh", "", sh_args(
+            '(trap "" TERM HUP; while :; do echo tick; done) & echo $! > "$1"; exit 0', pidfile))
+        job = self.wait_done(client, job_id)
+        writer = read_pidfile(pidfile)
+        self.addCleanup(lambda: pid_alive(writer) and os.kill(writer, signal.SIGKILL))
+        self.assertFalse(pid_alive(writer), "a process of the job's group outlived it")
+        self.assertEqual((job["state"], job["exit_code"]), ("succeeded", 0))
+        output = b"".join(client.follow(job_id))
+        self.assertEqual(len(output), job["output_bytes"])
+        self.assertEqual(client.query(job_id)["output_bytes"], job["output_bytes"])
+
+    def patch_waitid_and_signals(self, held):
+        """Instrument the worker's process calls: the waiter's blocking waitid() on a pid in held
+        waits for released after the exit; every signal_group() notes whether the group's leader
+        was still unreaped. Returns (exited, released, checked, signals)."""
+        real_waitid = os.waitid
+        exited, released, checked, signals = (threading.Event(), threading.Event(),
+                                              threading.Event(), [])
+
+        def unreaped(pid):
+            try:
+                real_waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                return True
+            except ChildProcessError:
+                return False
+
+        def waitid(idtype, pid, options):
+            result = real_waitid(idtype, pid, options)
+            if pid in held and options & os.WNOHANG:
+                checked.set()  # someone asked whether the leader has exited
+            elif pid in held:
+                exited.set()
+                released.wait(20)
+            return result
+
+        real_signal_group = jobsched.signal_group
+
+        def signal_group(pgid, signum):
+            signals.append((pgid, signum, unreaped(pgid)))
+            checked.set()
+            real_signal_group(pgid, signum)
+        os.waitid, jobsched.signal_group = waitid, signal_group
+        self.addCleanup(setattr, jobsched, "signal_group", real_signal_group)
+        self.addCleanup(setattr, os, "waitid", real_waitid)
+        self.addCleanup(released.set)
+        return exited, released, checked, signals
+
+    @unittest.skipUnless(hasattr(os, "waitid"), "needs os.waitid")
+    def test_stop_after_the_job_exited_on_its_own_records_how_it_exited(self):
+        worker = self.worker(None)
+        client = self.client(worker)
+        held = set()
+        exited, released, checked, signals = self.patch_waitid_and_signals(held)
+        fifo = os.path.join(self.tempdir(), "fifo")
+        os.mkfifo(fifo)
+        job_id = client.start("sh", "", sh_args(': < "$1"', fifo))  # exits 0 once fifo is opened
+        pid = client.query(job_id)["pid"]
+        held.add(pid)
+        os.close(os.open(fifo, os.O_WRONLY))
+        self.assertTrue(exited.wait(10), "the job did not exit")
+        # The leader is a zombie its waiter has not looked at yet: now the stop comes.
+        answers = []
+        stopper = threading.Thread(target=lambda: answers.append(self.client(worker).stop(job_id)))
+        stopper.start()
+        self.addCleanup(stopper.join, 20)
+        self.assertTrue(checked.wait(10), "stop neither checked the leader nor signalled")
+        released.set()
+        stopper.join(20)
+        self.assertEqual(answers, [True])
+        job = client.query(job_id)
+        self.assertEqual((job["state"], job.get("exit_code"), job["error_text"]),
+                         ("succeeded", 0, ""))
+        self.assertTrue(signals and all(unreaped for _, _, unreaped in signals), signals)
+        self.assertNotIn(signal.SIGTERM, [signum for _, signum, _ in signals])
+
+    @unittest.skipUnless(hasattr(os, "waitid"), "needs os.waitid")
+    def test_stop_racing_exit_never_signals_a_reaped_group(self):
+        worker = self.worker(None, slots=8)
+        client = self.client(worker)
+        _, _, _, signals = self.patch_waitid_and_signals(set())
+        ids = []
+        for _ in range(100):
+            ids.append(client.start("true", ""))
+            client.stop(ids[-1])
+        terminated = {pgid for pgid, signum, _ in signals if signum == signal.SIGTERM}
+        for job_id in ids:
+            job = client.query(job_id)
+            self.assertTrue(job["done"])
+            if job["state"] == "stopped":  # only when the signal was sent while it ran
+                self.assertIn(job["pid"], terminated)
+            else:
+                self.assertEqual((job["state"], job["exit_code"]), ("succeeded", 0))
+        self.assertEqual([s for s in signals if not s[2]], [], "a signal reached a reaped group")
+
+    def test_timeouts_hold_one_thread_and_nothing_once_the_job_ended(self):
+        import gc
+        worker = self.worker(None, slots=8)
+        client = self.client(worker)
+        before = threading.active_count()
+        running = [client.start("sleep", "", {"args": ["300"], "timeout": 300}) for _ in range(5)]
+        for job_id in running:
+            self.addCleanup(client.stop, job_id)
+        self.assertLessEqual(threading.active_count() - before, 2)  # timeouts + a connection
+        self.assertEqual([t for t in threading.enumerate() if isinstance(t, threading.Timer)], [])
+        quick = client.start("sleep", "", {"args": ["300"], "timeout": 0.2})  # sooner than all
+        self.assertEqual(self.wait_done(client, quick)["state"], "timeout")
+        for job_id in running:
+            client.stop(job_id)
+        for _ in range(5):
+            self.wait_done(client, client.start("true", "", {"timeout": 300}))
+        self.assertEqual([o for o in gc.get_objects() if isinstance(o, threading.Timer)], [])
+
+    def test_record_that_cannot_be_written_is_retried_when_the_next_job_ends(self):
+        state_dir = self.tempdir()
+        client = self.client(self.worker(None, state_dir=state_dir))
+        job_id = str(uuid.uuid4())
+        blocker = os.path.join(state_dir, job_id + ".json.tmp")
+        os.mkdir(blocker)  # the record cannot be written, as on a full disk
+        client.start("sh", "", dict(sh_args("echo kept; exit 3"), job_id=job_id))
+        self.assertEqual(self.wait_done(client, job_id)["exit_code"], 3)
+        self.assertFalse(os.path.exists(os.path.join(state_dir, job_id + ".json")))
+        os.rmdir(blocker)  # room again
+        self.wait_done(client, client.start("true", ""))
+        wait_until(lambda: os.path.exists(os.path.join(state_dir, job_id + ".json")),
+                   message="the record to be written when the next job ended")
+        with open(os.path.join(state_dir, job_id + ".json")) as f:
+            self.assertEqual((json.load(f)["state"]), "failed")
+
+    def test_job_without_record_is_never_forgotten(self):
+        self.addCleanup(setattr, jobsched, "JOURNAL_LIMIT", jobsched.JOURNAL_LIMIT)
+        jobsched.JOURNAL_LIMIT = 1  # rewrite the journal before every start
+        state_dir = self.tempdir()
+        worker = self.worker(None, state_dir=state_dir, keep_jobs=1)
+        client = self.client(worker)
+        job_id = str(uuid.uuid4())
+        blocker = os.path.join(state_dir, job_id + ".json.tmp")
+        os.mkdir(blocker)
+        client.start("sh", "", dict(sh_args("echo kept; exit 3"), job_id=job_id))
+        self.wait_done(client, job_id)
+        for _ in range(2):  # more recorded jobs than --keep-jobs, and journal rewrites
+            self.wait_done(client, client.start("true", ""))
+        self.assertTrue(os.path.exists(os.path.join(state_dir, job_id + ".out")))
+        with open(os.path.join(state_dir, "journal"), "rb") as f:
+            self.assertIn(job_id, [json.loads(line.decode())["job_id"] for line in f])
+        self.assertEqual(client.query(job_id)["exit_code"], 3)
+        # A crash now, then a restart with room on the disk again: the job is as it ended.
+        crashed = os.path.join(self.tempdir(), "copy")
+        shutil.copytree(state_dir, crashed)
+        os.rmdir(os.path.join(crashed, job_id + ".json.tmp"))
+        restarted = self.client(self.worker(None, state_dir=crashed))
+        job = restarted.query(job_id)
+        self.assertEqual((job["state"], job["exit_code"]), ("failed", 3))
+        self.assertEqual(restarted.output(job_id)["data"], b"kept\n")
+        self.assertTrue(os.path.exists(os.path.join(crashed, job_id + ".json")))
+        # And the worker itself writes it at shutdown.
+        os.rmdir(blocker)
+        worker.close()
+        with open(os.path.join(state_dir, job_id + ".json")) as f:
+            self.assertEqual(json.load(f)["exit_code"], 3)
+
+    def test_start_up_touches_only_the_files_it_owns(self):
+        state_dir = self.tempdir()
+        foreign = ["notes.out", "notes.tmp", "backup.json", "x.json.tmp", "README",
+                   str(uuid.uuid4()) + ".out.bak", str(uuid.uuid4()).upper() + ".out"]
+        for name in foreign:
+            with open(os.path.join(state_dir, name), "w") as f:
+                f.write("keep me " + name)
+        leftovers = [str(uuid.uuid4()) + ".json.tmp", "journal.tmp"]
+        for name in leftovers:
+            with open(os.path.join(state_dir, name), "w") as f:
+                f.write("{")
+        orphan = str(uuid.uuid4())  # an output whose journal line was lost: kept, not deleted
+        with open(os.path.join(state_dir, orphan + ".out"), "wb") as f:
+            f.write(b"orphan\n")
+        client = self.client(self.worker(None, state_dir=state_dir))
+        for name in foreign:
+            with open(os.path.join(state_dir, name)) as f:
+                self.assertEqual(f.read(), "keep me " + name)
+        for name in leftovers:
+            self.assertFalse(os.path.exists(os.path.join(state_dir, name)), name)
+        job = client.query(orphan)
+        self.assertEqual((job["state"], job["output_bytes"]), ("lost", 7))
+        self.assertEqual(client.output(orphan)["data"], b"orphan\n")
+        self.assertEqual([j["job_id"] for j in client.jobs()], [orphan])
+
+    def test_stop_waits_for_the_workers_grace_period(self):
+        scheduler, _, _ = self.cluster(stop_grace=1.5)
+        client = self.client(scheduler, timeout=0.5)
+        job_id = client.start("", "sh", "", sh_args('trap "" TERM; while :; do sleep 0.05; done'))
+        self.assertEqual(client.query(job_id)["stop_grace"], 1.5)
+        self.assertIs(client.stop(job_id), True)  # longer than the client's own timeout
+        job = client.query(job_id)
+        self.assertEqual((job["state"], job["signal"]), ("stopped", signal.SIGKILL))
+        self.assertNotIn("stop_grace", job)
+        job_id = client.start("", "sh", "", sh_args('trap "" TERM; while :; do sleep 0.05; done'))
+        done = self.cli("stop", job_id, "--scheduler", scheduler.address, "--rpc-timeout", "0.5")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(client.query(job_id)["state"], "stopped")
 
 
 if __name__ == "__main__":
