@@ -625,7 +625,7 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         try:
             self.headers = Headers.read(self.rfile)
         except http.client.HTTPException as e:
-            self.send_error(400, str(e))
+            self._refuse(400, str(e))
             return False
         self.command, self.request_version = command, version
         error = self._framing_error()
