@@ -1042,6 +1042,14 @@ _CLOSED_BY_PEER = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError
     (ssl.SSLEOFError, ssl.SSLZeroReturnError) if ssl is not None else ())
 
 
+def is_tls_alert(error):
+    """True for a TLS alert from the peer, which ends a handshake that failed on its side. (With
+    TLS 1.3 a server refuses a client's certificate only after the client has sent its request:
+    the request never reached the server's application.)"""
+    return (ssl is not None and isinstance(error, ssl.SSLError)
+            and "ALERT" in (getattr(error, "reason", None) or ""))
+
+
 class _Transport(xmlrpc.client.Transport):
     """One kept-alive HTTP(S) connection with a timeout and the token on every request.
 
@@ -1098,6 +1106,7 @@ class _Transport(xmlrpc.client.Transport):
         for retry in (False, True):
             connection = self._connection[1]
             reused = connection is not None and connection.sock is not None
+            sent_before = self.sent
             try:
                 connection = self.send_request(host, handler, request_body, verbose)
                 self.sent = True
@@ -1107,8 +1116,10 @@ class _Transport(xmlrpc.client.Transport):
                 self.close()
                 if retry or not reused:
                     raise
-            except BaseException:
+            except BaseException as e:
                 self.close()
+                if not reused and is_tls_alert(e):  # the handshake failed after all
+                    self.sent = sent_before
                 raise
         try:
             if response.status == 200:

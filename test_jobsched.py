@@ -2701,7 +2701,8 @@ class OddPeerTest(ClusterTestCase):
 
 
 class TLSKeepAliveTest(ClusterTestCase):
-    """Idle TLS connections end with close_notify and a half-close; no call fails on one."""
+    """Idle TLS connections end with close_notify and a half-close, and no call fails on one;
+    a failed handshake is a certain failure."""
 
     @classmethod
     def setUpClass(cls):
@@ -2709,7 +2710,7 @@ class TLSKeepAliveTest(ClusterTestCase):
             raise unittest.SkipTest("the openssl command is not installed")
         cls.cert_dir = tempfile.mkdtemp(prefix="jobsched-tls-")
         try:
-            cls.a, _ = make_certificates(cls.cert_dir)
+            cls.a, cls.b = make_certificates(cls.cert_dir)
         except BaseException:
             shutil.rmtree(cls.cert_dir, ignore_errors=True)
             raise
@@ -2754,6 +2755,21 @@ class TLSKeepAliveTest(ClusterTestCase):
                    message="the worker to close the idle connection")
         job_id = client.start("", "true", "")  # was: "no worker has a free slot"
         self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+
+    def test_a_worker_refusing_the_schedulers_certificate_did_not_start_the_job(self):
+        scheduler = self.scheduler(rpc_timeout=2.0, **self.files("scheduler"))
+        # It wants client certificates from the other CA; TLS 1.3 tells the scheduler so only
+        # after the request was sent, as an alert.
+        refusing = self.worker(None, tls_cert=os.path.join(self.a, "worker.pem"),
+                               tls_key=os.path.join(self.a, "worker.key"),
+                               tls_ca=os.path.join(self.b, "ca.pem"))
+        worker = self.worker(scheduler, slots=1, heartbeat=30, **self.files("worker"))
+        client = self.client(scheduler, **self.files("client"))
+        client.register(refusing.address, {"tls": True, "slots": 100, "heartbeat": 0})
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 2,
+                   message="workers to register")
+        job_id = client.start("", "true", "")  # tried on the refusing worker first, then here
+        self.assertEqual(self.wait_done(client, job_id)["worker_id"], worker.worker_id)
 
 
 class ConnectionLifetimeTest(ClusterTestCase):
