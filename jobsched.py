@@ -2222,9 +2222,10 @@ class Scheduler(_Role):
         (connection refused, failed TLS handshake) -- the slot is given back and the error
         raised: the caller may try another worker. When the outcome is unknown (timed out,
         connection lost after sending), rec is asked again with the same job_id (start is
-        idempotent) until it answers or --rpc-timeout runs out; then OutcomeUnknown, with the
-        job indexed on rec so that a later query tells the truth. Never another worker then:
-        that is how a job could run twice."""
+        idempotent) until it answers with the job_id or --rpc-timeout runs out; then
+        OutcomeUnknown, with the job indexed on rec so that a later query tells the truth.
+        Never another worker then: that is how a job could run twice. (Nor after a fault to a
+        second ask: the first request may still wait unread in the worker's socket.)"""
         job_id = options["job_id"]
         deadline = time.monotonic() + self.rpc_timeout
         unknown, delay = None, 0.05
@@ -2235,14 +2236,12 @@ class Scheduler(_Role):
                 timeout = None if unknown is None else max(deadline - time.monotonic(), 0.05)
                 rec.client.call("start", command, path, options, timeout=timeout)
                 break
-            except OutcomeUnknown as e:
-                unknown = e
             except JobschedError as e:
-                if unknown is None or not isinstance(e, Unreachable):  # certainly not started
+                if unknown is None and not isinstance(e, OutcomeUnknown):  # certainly not started
                     with self.workers_lock:
                         rec.running -= 1
                     raise
-                # not reachable after an unknown outcome: still unknown
+                unknown = unknown or e
             if time.monotonic() + delay >= deadline or self._closed.wait(delay):
                 self._remember((job_id, rec.worker_id))
                 log.warning("job %s may have started on worker %s: %s", job_id, rec.worker_id, unknown)

@@ -2461,6 +2461,24 @@ class ExactlyOnceTest(ClusterTestCase):
         self.assertEqual(first, second)
         self.assertEqual(first, ("true", "", {"args": ["x"], "job_id": job_id}))
 
+    def test_a_fault_after_no_answer_is_not_taken_for_certain(self):
+        # The unanswered request may still wait unread in the worker's socket: a "full" from
+        # the next ask does not mean the job will not start.
+        full = xmlrpc.client.dumps(xmlrpc.client.Fault(3, "worker is full (1 slots)")).encode()
+        peer, address = scripted_peer(self, lambda method, params, count: None if count == 1 else full)
+        scheduler = self.scheduler(rpc_timeout=0.5)
+        client = self.client(scheduler)
+        peer_id = client.register(address, {"slots": 100})
+        other = self.worker(scheduler, slots=1, heartbeat=30)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 2,
+                   message="workers to register")
+        error = fault_of(client.start, "", "true", "")
+        self.assertIs(type(error), jobsched.Unavailable)
+        self.assertIn("may have started on worker %s" % peer_id, str(error))
+        self.assertGreaterEqual(len(peer.requests), 2)
+        self.assertEqual(len({params[2]["job_id"] for _, params in peer.requests}), 1)
+        self.assertEqual(self.client(other).jobs(), [])
+
     def test_callers_job_id_is_placed_once(self):
         scheduler, workers, client = self.cluster(2, heartbeat=30)
         job_id, marker = str(uuid.uuid4()), os.path.join(self.tempdir(), "runs")
