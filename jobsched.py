@@ -28,6 +28,7 @@ import hmac
 import html
 import http.client
 import inspect
+import io
 import ipaddress
 import json
 import logging
@@ -37,6 +38,7 @@ import queue
 import random
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -61,7 +63,8 @@ except ImportError:  # a Python built without OpenSSL still runs plain HTTP
 
 __version__ = "1.0.0"
 __all__ = [
-    "JobschedError", "NotFound", "BadRequest", "Unavailable", "Unreachable", "Unauthorized",
+    "JobschedError", "NotFound", "BadRequest", "Unavailable", "Unreachable", "OutcomeUnknown",
+    "Unauthorized",
     "InternalError",
     "ConfigError", "Security", "Headers", "RequestHandler", "RPCServer", "RPCClient", "Client", "Job", "Worker", "WorkerRecord",
     "Scheduler", "main",
@@ -110,7 +113,15 @@ class Unavailable(JobschedError):
 
 
 class Unreachable(Unavailable):
-    """The peer could not be reached or answered at the HTTP level (no fault was received)."""
+    """The peer could not be reached or answered at the HTTP level (no fault was received).
+
+    Raised as such, the request certainly was not acted on: it was never sent whole (refused,
+    failed TLS handshake), or the server refused it at the HTTP level."""
+
+
+class OutcomeUnknown(Unreachable):
+    """The request was sent but no answer came (timed out, connection lost): the peer may or may
+    not have acted on it. Only an idempotent request may simply be sent again."""
 
 
 class Unauthorized(Unreachable):
@@ -155,6 +166,22 @@ class _WireMarshaller(xmlrpc.client.Marshaller):
         write(base64.b64encode(value.data).decode("ascii"))
         write("</base64></value>\n")
     dispatch[xmlrpc.client.Binary] = dump_binary
+
+    def dump_long(self, value, write):
+        # XML-RPC ints are 32-bit: a larger one (an offset, a peer's <i8>) goes as a double
+        # instead of failing the whole call.
+        if -2 ** 31 <= value < 2 ** 31:
+            write("<value><int>%d</int></value>\n" % value)
+        else:
+            self.dump_double(float(value), write)
+    dispatch[int] = dump_long
+
+
+def dumps_request(method, params):
+    """xmlrpc.client.dumps(params, method), UTF-8 encoded, with _WireMarshaller's rules."""
+    body = _WireMarshaller("utf-8", False).dumps(params)
+    return ("<?xml version='1.0'?>\n<methodCall>\n<methodName>%s</methodName>\n%s</methodCall>\n"
+            % (method, body)).encode("utf-8")
 
 
 def dumps_response(result):
@@ -334,6 +361,34 @@ def parse_address(text, default_port=None):
     return scheme, host, int(port), password or None
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+def want_host_port(text, name="address"):
+    """parse_address(text) of an address to dial: the host a DNS name (RFC 1123 labels), an IPv4
+    address or an [IPv6] one, the port 1-65535. Anything else fails in every later name lookup,
+    or makes it hang (``node1..example.org``)."""
+    scheme, host, port, password = parse_address(text)
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    hostport = text.partition("://")[2] if "://" in text else text
+    if ":" in host or hostport.rpartition("@")[2].startswith("["):
+        try:
+            valid = ":" in host and bool(ipaddress.IPv6Address(host))
+        except ValueError:
+            valid = False
+    elif all(label.isdigit() for label in labels):
+        try:
+            valid = bool(ipaddress.IPv4Address(host))
+        except ValueError:
+            valid = False
+    else:
+        valid = len(host) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+    if not valid or port == 0:
+        raise ConfigError("%s %s is not HOST:PORT (a DNS name, an IPv4 address or an [IPv6] "
+                          "address, and a port from 1 to 65535)" % (name, _short(text)))
+    return scheme, host, port, password
+
+
 def format_address(host, port):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
@@ -464,9 +519,26 @@ class Security:
 # Transport
 # ---------------------------------------------------------------------------------------------
 
+def send_close_notify(sock):
+    """Before closing a TLS connection, say it is a clean close (close_notify), without waiting for
+    the peer's: a peer that sees the connection end without one gets an SSLEOFError instead."""
+    if ssl is not None and isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.settimeout(0)
+            sock.unwrap()
+        except (OSError, ValueError):  # SSLWantReadError once ours is sent; or already closed
+            pass
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
+
+
 class Headers(dict):
     """HTTP headers by lower-cased name (of repeated ones, the last), read without the email
-    package, whose parser cost a tenth of the CPU of a small request on each side."""
+    package, whose parser cost a tenth of the CPU of a small request on each side.
+
+    Strict where a lenient reading lets two parsers see two different messages: a name that is
+    not a token (whitespace before the colon), a folded line, a second Content-Length."""
 
     def get(self, name, default=None):
         return dict.get(self, name.lower(), default)
@@ -484,9 +556,15 @@ class Headers(dict):
             if line in (b"\r\n", b"\n", b""):
                 return headers
             name, colon, value = str(line, "iso-8859-1").partition(":")
-            if len(line) > 65536 or not colon or not name.strip():
-                raise http.client.HTTPException("bad header line")
-            headers[name.strip().lower()] = value.strip()
+            if len(line) > 65536 or not colon or not _HEADER_NAME.match(name):
+                raise http.client.HTTPException(
+                    "folded header line" if line[:1] in b" \t" else
+                    "whitespace before a header's colon" if colon and name != name.rstrip()
+                    else "bad header line")
+            name = name.lower()
+            if name == "content-length" and name in headers:
+                raise http.client.HTTPException("more than one Content-Length")
+            headers[name] = value.strip()
         raise http.client.HTTPException("more than %d headers" % max_headers)
 
 
@@ -503,6 +581,38 @@ class PageRequest:
         return "text/html" in self.headers.get("Accept", "")
 
 
+class _RequestReader(socket.SocketIO):
+    """The raw reader under RequestHandler.rfile. From start() on, every read of the request --
+    its line, headers and body -- must end by one deadline ``timeout`` seconds later: a socket
+    timeout is per recv(), and a client that trickles a byte a second would hold a thread forever."""
+
+    def __init__(self, sock, timeout):
+        super().__init__(sock, "rb")
+        sock._io_refs += 1  # counted as socket.makefile() counts its files
+        self.timeout, self.deadline = timeout, None
+
+    def start(self):
+        """A request begins: it must be read in full within the timeout."""
+        if self._sock.gettimeout() != self.timeout:
+            self._sock.settimeout(self.timeout)
+        self.deadline = time.monotonic() + self.timeout
+
+    def finish(self):
+        """The request is read: no deadline, and the reply's writes get the whole timeout."""
+        self.deadline = None
+        if self._sock.gettimeout() != self.timeout:
+            self._sock.settimeout(self.timeout)
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request was not read within %g s" % self.timeout)
+            if remaining < self._sock.gettimeout() - 0.05:  # settimeout() is a syscall: not per read
+                self._sock.settimeout(remaining)
+        return super().readinto(buffer)
+
+
 class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
     """HTTP/1.1 keep-alive handler: token check, body limits, XML-RPC and JSON routes."""
     protocol_version = "HTTP/1.1"
@@ -514,8 +624,14 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
     quiet = False  # true once the connection fell idle: the server parks it
 
     def setup(self):
+        self.connection = self.request
         self.timeout = self.server.read_timeout
-        super().setup()
+        if self.disable_nagle_algorithm:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.reader = _RequestReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+        self.wfile = self.connection.makefile("wb", self.wbufsize)
+        self.reader.start()
 
     def handle(self):
         self.close_connection = True
@@ -524,7 +640,9 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
             self.handle_one_request()
 
     def _next_request_within(self, seconds):
+        self.reader.deadline = None  # waiting for a request is not reading one
         if getattr(self.connection, "pending", None) and self.connection.pending():
+            self.reader.start()
             return True  # TLS has decrypted bytes buffered: the socket would not show them
         self.connection.settimeout(seconds)
         try:
@@ -534,7 +652,7 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         except socket.timeout:
             self.quiet = True  # this rfile is spent; the next request gets a new handler
             return False
-        self.connection.settimeout(self.timeout)
+        self.reader.start()
         return True
 
     def parse_request(self):
@@ -550,15 +668,33 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         try:
             self.headers = Headers.read(self.rfile)
         except http.client.HTTPException as e:
-            self.send_error(400, str(e))
+            self._refuse(400, str(e))
             return False
         self.command, self.request_version = command, version
+        error = self._framing_error()
+        if error:
+            self._refuse(400, error)
+            return False
         connection = self.headers.get("connection", "").lower()
         self.close_connection = connection == "close" or (
             version == "HTTP/1.0" and connection != "keep-alive")
         if version == "HTTP/1.1" and self.headers.get("expect", "").lower() == "100-continue":
             return self.handle_expect_100()
         return True
+
+    def _framing_error(self):
+        """Why the request's body cannot be delimited beyond doubt (else None): a peer or proxy
+        that read it otherwise would take part of it for the next request."""
+        if "transfer-encoding" in self.headers:
+            return "Transfer-Encoding is not supported; send Content-Length"
+        length = self.headers.get("content-length")
+        if length is None:
+            return None
+        if not re.match(r"[0-9]+\Z", length):
+            return "bad Content-Length"
+        if self.command != "POST" and length.strip("0"):
+            return "a %s request must not have a body" % self.command
+        return None
 
     def handle_expect_100(self):
         # curl sends "Expect: 100-continue" before a large body and waits a second for the
@@ -610,17 +746,14 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         return False
 
     def _read_body(self):
-        """The request body, or None after answering why it is refused."""
+        """The request body, or None after answering why it is refused. (parse_request has
+        refused a Transfer-Encoding and a malformed Content-Length.)"""
         if self.headers.get("Content-Encoding", "identity").lower() != "identity":
             return self._refuse(415, "Content-Encoding is not supported")
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._refuse(411, "chunked requests are not supported; send Content-Length")
         length = self.headers.get("Content-Length")
         if length is None:
             return self._refuse(411, "Content-Length is required")
-        if not re.match(r"\s*[0-9]+\s*\Z", length):
-            return self._refuse(400, "bad Content-Length")
-        if len(length.strip()) > 18 or int(length) > self.server.max_request:
+        if len(length) > 18 or int(length) > self.server.max_request:
             return self._refuse(413, "request body over %d bytes" % self.server.max_request)
         body = self.rfile.read(int(length))
         if len(body) < int(length):
@@ -636,6 +769,7 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         self._reply(status, json.dumps(obj).encode("utf-8"), "application/json", close=close)
 
     def _reply(self, status, body, content_type, close=False, headers=()):
+        self.reader.finish()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -659,7 +793,10 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
 
     A kept-alive connection quiet for ``park_after`` seconds gives up its thread and waits in
     one selector thread for its next request (a thousand heartbeating workers would otherwise
-    hold a thousand threads); it is closed after ``read_timeout`` seconds of silence.
+    hold a thousand threads). After ``read_timeout`` seconds of silence it is closed in stages
+    (RFC 9112, 9.6): close_notify (TLS) and FIN first, then read and dropped until the client
+    closes too, for ``read_timeout`` seconds at most. A client that sends its next request in
+    that time reads a clean close and reconnects instead of seeing a reset.
 
     Callers use serve_in_thread(), close() and ``address``. The roles fill ``methods``
     (name -> callable; nothing else is callable), ``json_routes``
@@ -763,11 +900,24 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         """Hand each parked connection back to a new thread when its next request arrives."""
         selector = selectors.DefaultSelector()
         selector.register(wakeup, selectors.EVENT_READ)
-        parked = {}  # connection -> (client_address, parked since)
+        parked = {}   # connection -> (client_address, parked since)
+        closing = {}  # half-closed connection -> since when
         while True:
             for key, _ in selector.select(timeout=1.0):
                 if key.fileobj is wakeup:
                     wakeup.recv(4096)
+                    continue
+                if key.fileobj in closing:
+                    try:
+                        if key.fileobj.recv(65536):
+                            continue  # dropped: the connection is closed for requests
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        pass
+                    del closing[key.fileobj]  # the client has closed its side too
+                    selector.unregister(key.fileobj)
+                    key.fileobj.close()
                     continue
                 selector.unregister(key.fileobj)
                 client_address, _ = parked.pop(key.fileobj)
@@ -787,15 +937,40 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
                     self.shutdown_request(connection)
             for connection in [c for c, (_, since) in parked.items()
                                if not running or now - since > self.read_timeout]:
-                selector.unregister(connection)
                 del parked[connection]
-                self.shutdown_request(connection)
+                if running and self._half_close(connection):
+                    closing[connection] = now
+                else:
+                    selector.unregister(connection)
+                    self.shutdown_request(connection)
+            for connection in [c for c, since in closing.items()
+                               if not running or now - since > self.read_timeout]:
+                del closing[connection]
+                selector.unregister(connection)
+                connection.close()
             if not running:
                 selector.close()
                 with self._park_lock:
                     self._wake_parking.close()
                 wakeup.close()
                 return
+
+    def shutdown_request(self, request):
+        """Close a connection; a TLS one with close_notify first, so that a client whose idle
+        connection this is sees a clean close and reconnects."""
+        send_close_notify(request)
+        super().shutdown_request(request)
+
+    @staticmethod
+    def _half_close(connection):
+        """close_notify (TLS) and FIN, reading on: false if the connection is gone already."""
+        send_close_notify(connection)
+        try:
+            connection.setblocking(False)
+            connection.shutdown(socket.SHUT_WR)  # also makes a TLS socket read plain bytes
+            return True
+        except OSError:
+            return False
 
     def handle_error(self, request, client_address):
         log.debug("connection from %s ended with an error", client_address[0], exc_info=True)
@@ -917,8 +1092,62 @@ class _Response(http.client.HTTPResponse):
             self.will_close = True  # the body ends when the connection does
 
 
+def create_connection(address, timeout, source_address=None):
+    """socket.create_connection(), with the name lookup bounded by the timeout too: getaddrinfo()
+    has no timeout of its own, and a hung resolver would hold the calling thread. (The lookup
+    thread left behind ends when the resolver gives up.)"""
+    host, port = address
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:  # an address literal: nothing to look up
+        return socket.create_connection(address, timeout, source_address)
+    found, looked_up = [], threading.Event()
+
+    def lookup():
+        try:
+            found.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+        except Exception as e:  # gaierror, or UnicodeError for a name idna cannot encode
+            found.append(e)
+        looked_up.set()
+    threading.Thread(target=lookup, name="jobsched-lookup", daemon=True).start()
+    if not looked_up.wait(timeout):
+        raise socket.timeout("looking up %s timed out" % _short(host))
+    if isinstance(found[0], Exception):
+        raise found[0]
+    error = OSError("no address found for %s" % _short(host))
+    for family, kind, proto, _, sockaddr in found[0]:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error
+
+
+_CLOSED_BY_PEER = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) + (
+    (ssl.SSLEOFError, ssl.SSLZeroReturnError) if ssl is not None else ())
+
+
+def is_tls_alert(error):
+    """True for a TLS alert from the peer, which ends a handshake that failed on its side. (With
+    TLS 1.3 a server refuses a client's certificate only after the client has sent its request:
+    the request never reached the server's application.)"""
+    return (ssl is not None and isinstance(error, ssl.SSLError)
+            and "ALERT" in (getattr(error, "reason", None) or ""))
+
+
 class _Transport(xmlrpc.client.Transport):
-    """One kept-alive HTTP(S) connection with a timeout and the token on every request."""
+    """One kept-alive HTTP(S) connection with a timeout and the token on every request.
+
+    After a failed request, ``sent`` tells whether the whole request had been written (the server
+    may have acted on it) or not (it certainly did not)."""
     accept_gzip_encoding = False
 
     def __init__(self, tls_context, authorization, timeout):
@@ -927,6 +1156,9 @@ class _Transport(xmlrpc.client.Transport):
         self.authorization = authorization
         self.timeout = timeout
         self.relay = False  # return the reply as a _RelayedReply instead of parsing it
+        self.sent = False
+        self.idle_since = 0.0  # time.monotonic() when last put back in its pool
+        self.generation = 0    # of its RPCClient's pool
 
     def make_connection(self, host):
         if self._connection and host == self._connection[0]:
@@ -937,8 +1169,63 @@ class _Transport(xmlrpc.client.Transport):
         else:
             connection = http.client.HTTPConnection(host, timeout=self.timeout)
         connection.response_class = _Response
+        connection._create_connection = create_connection
         self._connection = host, connection
         return connection
+
+    def close(self):
+        connection = self._connection[1]
+        if connection is not None and connection.sock is not None:
+            send_close_notify(connection.sock)
+        super().close()
+
+    def closed_by_peer(self):
+        """True if the idle connection has something to read: the server closed it (or sent junk)."""
+        connection = self._connection[1]
+        if connection is None or connection.sock is None:
+            return False
+        if hasattr(select, "poll"):  # select() cannot take a descriptor above FD_SETSIZE
+            poller = select.poll()
+            poller.register(connection.sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([connection.sock], [], [], 0)[0])
+
+    def request(self, host, handler, request_body, verbose=False):
+        """The stdlib's, but sent again only when a kept-alive connection turns out to have been
+        closed by the server before any byte of the answer (as HTTP clients do: the server most
+        likely closed it while it was idle). The stdlib's would also send again after a fresh
+        connection was lost, and not after a TLS connection closed without close_notify."""
+        self.sent = False
+        for retry in (False, True):
+            connection = self._connection[1]
+            reused = connection is not None and connection.sock is not None
+            sent_before = self.sent
+            try:
+                connection = self.send_request(host, handler, request_body, verbose)
+                self.sent = True
+                response = connection.getresponse()
+                break
+            except _CLOSED_BY_PEER:
+                self.close()
+                if retry or not reused:
+                    raise
+            except BaseException as e:
+                self.close()
+                if not reused and is_tls_alert(e):  # the handshake failed after all
+                    self.sent = sent_before
+                raise
+        try:
+            if response.status == 200:
+                return self.parse_response(response)
+        except xmlrpc.client.Fault:
+            raise
+        except BaseException:
+            response.close()
+            self.close()
+            raise
+        response.close()
+        raise xmlrpc.client.ProtocolError(host + handler, response.status, response.reason,
+                                          dict(response.getheaders()))
 
     def send_headers(self, connection, headers):
         super().send_headers(connection, headers)
@@ -973,10 +1260,15 @@ class RPCClient:
     """Calls one jobsched server: ``call(method, *params)``.
 
     Thread-safe: each call borrows a kept-alive connection from a small pool, so one RPCClient
-    can serve many threads. Faults raise the JobschedError subclass of their code; a peer that
-    cannot be reached raises Unreachable. ``address`` is HOST:PORT, or https://HOST:PORT, or
-    http://user:TOKEN@HOST:PORT."""
+    can serve many threads. Faults raise the JobschedError subclass of their code. A peer that
+    cannot be reached raises Unreachable when the request certainly was not acted on (refused,
+    failed TLS handshake, an HTTP error status), and its subclass OutcomeUnknown when it was sent
+    and no answer came (timed out, connection lost). A connection idle for ``idle_timeout``
+    seconds is closed rather than used (servers close theirs after 30 s). ``address`` is
+    HOST:PORT, or https://HOST:PORT, or http://user:TOKEN@HOST:PORT."""
     max_idle = 16
+    idle_timeout = 25.0
+    check_after = 1.0  # an idle connection older than this is checked for a close before use
 
     def __init__(self, address=DEFAULT_SCHEDULER, token=None, tls_ca=None, tls_cert=None,
                  tls_key=None, timeout=10.0, security=None):
@@ -989,15 +1281,15 @@ class RPCClient:
         self._authorization = "Bearer " + token if token else None
         use_tls = scheme == "https" or self.security.dials_tls
         self._tls_context = self.security.client_context() if use_tls else None
-        self._idle = []  #: kept-alive transports not in use; guarded by self._idle_lock
         self._idle_lock = threading.Lock()
+        #: guards self._idle (kept-alive transports not in use, least recently used first) and
+        #: self._generation (bumped by close(): transports of an older one are not kept)
+        self._idle, self._generation = [], 0
+        self._logged_unexpected = False  # written once, by whichever call sees one first
 
     def call(self, method, *params, timeout=None, relay=False):
-        request = xmlrpc.client.dumps(params, method, allow_none=False).encode("utf-8")
-        with self._idle_lock:
-            transport = self._idle.pop() if self._idle else None
-        if transport is None:
-            transport = _Transport(self._tls_context, self._authorization, self.timeout)
+        request = dumps_request(method, params)
+        transport = self._borrow()
         transport.relay = relay
         if timeout is not None:
             transport.set_timeout(timeout)
@@ -1013,32 +1305,71 @@ class RPCClient:
                                    "give the cluster's token with --token-file FILE or "
                                    "JOBSCHED_TOKEN_FILE" % self.address) from None
             raise Unreachable("%s answered HTTP %d %s" % (self.address, e.errcode, e.errmsg)) from None
-        except _CONNECTION_ERRORS as e:
+        except Exception as e:  # whatever a peer makes of a call is this peer's failure
             transport.close()
+            if not isinstance(e, _CONNECTION_ERRORS) and not self._logged_unexpected:
+                self._logged_unexpected = True
+                log.warning("unexpected error calling %s on %s", method, self.address, exc_info=True)
             reason = "timed out" if isinstance(e, socket.timeout) else (str(e) or type(e).__name__)
+            if transport.sent:
+                raise OutcomeUnknown("no answer from %s: %s" % (self.address, reason)) from None
             raise Unreachable("cannot reach %s: %s" % (self.address, reason)) from None
         self._release(transport, timeout)
         return result
 
+    def _borrow(self):
+        now = time.monotonic()
+        expired = ()
+        with self._idle_lock:
+            transport = self._idle.pop() if self._idle else None
+            if transport is not None and now - transport.idle_since > self.idle_timeout:
+                expired, self._idle = self._idle + [transport], []  # the rest are older still
+                transport = None
+            generation = self._generation
+        for old in expired:
+            old.close()
+        if transport is None:
+            transport = _Transport(self._tls_context, self._authorization, self.timeout)
+            transport.generation = generation
+        elif now - transport.idle_since > self.check_after and transport.closed_by_peer():
+            transport.close()  # a fresh connection, not a request sure to fail
+        return transport
+
     def _release(self, transport, timeout):
         if timeout is not None:
             transport.set_timeout(self.timeout)
+        transport.idle_since = time.monotonic()
         with self._idle_lock:
-            if len(self._idle) < self.max_idle:
+            if transport.generation == self._generation and len(self._idle) < self.max_idle:
                 self._idle.append(transport)
                 return
         transport.close()
 
+    def drop_idle(self):
+        """Close the connections idle for ``idle_timeout`` seconds or more."""
+        cutoff = time.monotonic() - self.idle_timeout
+        with self._idle_lock:
+            count = 0
+            while count < len(self._idle) and self._idle[count].idle_since <= cutoff:
+                count += 1
+            expired, self._idle = self._idle[:count], self._idle[count:]
+        for transport in expired:
+            transport.close()
+
     def close(self):
+        """Close the idle connections now and the busy ones when their calls end. Later calls
+        still work, on new connections."""
         with self._idle_lock:
             idle, self._idle = self._idle, []
+            self._generation += 1
         for transport in idle:
             transport.close()
+
 
 class _Role:
     """What Scheduler and Worker share: a server, serving in a thread, closing once."""
     server = None
-    fatal_error = None  # why the role cannot go on (a worker whose token the scheduler refuses)
+    fatal_error = None  # why the role cannot go on (set by its threads); the command exits 2
 
     @property
     def address(self):
@@ -1477,12 +1808,18 @@ class WorkerStateDir:
             lock_file = open(os.path.join(self.path, "lock"), "a+")
         except OSError as e:
             raise ConfigError("cannot use state dir %s: %s" % (self.path, e.strerror))
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock_file.close()
-            raise ConfigError("state dir %s is in use by another worker" % self.path)
-        return lock_file
+        # A worker killed a moment ago may leave a child between fork and exec that still holds
+        # the lock for a few milliseconds: wait a little before calling the dir taken.
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock_file
+            except OSError:
+                if time.monotonic() > deadline:
+                    lock_file.close()
+                    raise ConfigError("state dir %s is in use by another worker" % self.path)
+                time.sleep(0.02)
 
     def _load_worker_id(self):
         path = os.path.join(self.path, "worker_id")
@@ -1792,7 +2129,7 @@ class Worker(_Role):
         self.metrics = Metrics()
         self._timeouts = JobTimeouts(self._timed_out)
         if advertise:
-            parse_address(advertise)
+            want_host_port(advertise, "--advertise")
         self.state = WorkerStateDir(self.state_dir, keep_jobs)
         self.worker_id = self.state.worker_id
         try:
@@ -1954,6 +2291,11 @@ class Worker(_Role):
                 self._registered = False
                 break
             except Exception as e:  # JobschedError, or a peer that is not a jobsched scheduler
+                if isinstance(e, BadRequest) and not registered:  # asking again cannot help
+                    self.fatal_error = "scheduler %s refused to register this worker: %s" % (
+                        scheduler.address, e)
+                    log.error("%s", self.fatal_error)
+                    break
                 failures += 1
                 if failures == 1:
                     log.warning("cannot reach scheduler %s: %s (retrying)", scheduler.address, e)
@@ -2240,27 +2582,31 @@ class Worker(_Role):
 # ---------------------------------------------------------------------------------------------
 
 class WorkerRecord:
-    """What the scheduler knows of one worker; fields guarded by Scheduler.workers_lock."""
-    __slots__ = ("worker_id", "address", "slots", "running", "last_seen", "hostname", "version",
-                 "tls", "heartbeat", "stop_grace", "deregistered", "reported_offline", "client",
-                 "client_tls")
+    """What the scheduler knows of one worker; fields guarded by Scheduler.workers_lock.
+
+    Liveness is measured on time.monotonic() (``seen_at``): stepping the wall clock changes no
+    worker's state. ``last_seen`` is the wall-clock time of the same moment, for display."""
+    __slots__ = ("worker_id", "address", "slots", "running", "last_seen", "seen_at", "hostname",
+                 "version", "tls", "heartbeat", "stop_grace", "deregistered", "reported_offline",
+                 "client", "client_tls")
 
     def __init__(self, worker_id):
         self.worker_id = worker_id
         self.address = self.hostname = self.version = self.client = None
         self.slots, self.running, self.heartbeat, self.stop_grace = 1, 0, 0.0, 5.0
-        self.last_seen = time.time()
+        self.last_seen, self.seen_at = time.time(), time.monotonic()
         self.tls = self.deregistered = self.reported_offline = self.client_tls = False
 
     def online(self, now):
+        """Whether the worker counts as online at time.monotonic() ``now``."""
         if self.deregistered:
             return False
-        return not self.heartbeat or now - self.last_seen <= MISSED_HEARTBEATS * self.heartbeat
+        return not self.heartbeat or now - self.seen_at <= MISSED_HEARTBEATS * self.heartbeat
 
     def to_struct(self, now):
         return without_none({
             "worker_id": self.worker_id, "address": self.address, "online": self.online(now),
-            "slots": self.slots, "running": self.running, "last_seen": self.last_seen,
+            "slots": self.slots, "running": wire_int(self.running), "last_seen": self.last_seen,
             "hostname": self.hostname, "version": self.version, "tls": self.tls,
             "heartbeat": self.heartbeat,
         })
@@ -2328,42 +2674,71 @@ class Scheduler(_Role):
         log.info("scheduler stopped")
 
     def _watch_workers(self):
-        """Log each worker that goes silent, once."""
+        """Log each worker that goes silent, once, and close the connections to it; close
+        connections idle for RPCClient.idle_timeout."""
         while not self._closed.wait(0.5):
-            now, silent = time.time(), []
+            now, silent, clients = time.monotonic(), [], []
             with self.workers_lock:
                 for rec in self._workers.values():
                     online = rec.online(now)
                     if not online and not rec.reported_offline and not rec.deregistered:
-                        silent.append((rec.worker_id, now - rec.last_seen))
+                        silent.append((rec.worker_id, now - rec.seen_at, rec.client))
+                    elif online and rec.client is not None:
+                        clients.append(rec.client)
                     rec.reported_offline = not online
-            for worker_id, age in silent:
+            for worker_id, age, client in silent:
                 log.warning("worker %s offline (no heartbeat for %.1f s)", worker_id, age)
+                if client is not None:
+                    client.close()
+            for client in clients:
+                client.drop_idle()
 
     # -- registry ------------------------------------------------------------------------------
 
-    def _update(self, rec, info):
-        """Apply a worker's info struct to its record (under workers_lock)."""
-        for key, kind in (("slots", int), ("running", int), ("heartbeat", (int, float)),
-                          ("stop_grace", (int, float)), ("hostname", str), ("version", str),
-                          ("tls", bool)):
-            if key in info and isinstance(info[key], kind) and not (
-                    kind is int and isinstance(info[key], bool)):
-                setattr(rec, key, info[key])
-        rec.last_seen = time.time()
+    @staticmethod
+    def _worker_fields(info):
+        """The fields of a worker's info struct the scheduler keeps, checked: an out-of-range
+        number is fault 2 here, not a record that breaks every later workers()."""
+        info = want_struct(info if info is not None else {}, "info")
+        fields = {}
+        for key in ("slots", "running"):
+            if key in info:
+                fields[key] = want_number(info[key], "info." + key, integer=True)
+                if fields[key] > 2 ** 31 - 1:
+                    raise BadRequest("info.%s must be at most %d" % (key, 2 ** 31 - 1))
+        for key in ("heartbeat", "stop_grace"):
+            if key in info:
+                fields[key] = want_number(info[key], "info." + key)
+                if fields[key] > MAX_JOB_TIMEOUT:
+                    raise BadRequest("info.%s must be at most %d seconds" % (key, MAX_JOB_TIMEOUT))
+        for key in ("hostname", "version"):
+            if key in info:
+                fields[key] = want_str(info[key], "info." + key, limit=256)
+        if "tls" in info:
+            if not isinstance(info["tls"], bool):
+                raise BadRequest("info.tls must be a boolean")
+            fields["tls"] = info["tls"]
+        return info, fields
+
+    @staticmethod
+    def _update(rec, fields):
+        """Apply checked info fields to a worker's record (under workers_lock)."""
+        for key, value in fields.items():
+            setattr(rec, key, value)
+        rec.last_seen, rec.seen_at = time.time(), time.monotonic()
         rec.deregistered = False
 
     def register(self, address, info=None):
         """Add a worker at address (HOST:PORT); returns its worker_id (``info.worker_id`` if given)."""
         want_str(address, "address", limit=512, empty=False)
-        parse_address(address)
-        info = want_struct(info if info is not None else {}, "info")
+        want_host_port(address)
+        info, fields = self._worker_fields(info)
         worker_id = want_str(info.get("worker_id") or str(uuid.uuid4()), "worker_id", limit=256)
         with self.workers_lock:
             rec = self._workers.get(worker_id) or WorkerRecord(worker_id)
             self._workers[worker_id] = rec
             old_client = rec.client
-            self._update(rec, info)
+            self._update(rec, fields)
             tls = rec.tls or self.security.dials_tls or address.startswith("https://")
             if rec.address != address or rec.client is None or rec.client_tls != tls:
                 rec.address, rec.client_tls = address, tls
@@ -2379,19 +2754,22 @@ class Scheduler(_Role):
         rec = self._worker(worker_id)
         with self.workers_lock:
             rec.deregistered = True
+            client = rec.client
+        if client is not None:
+            client.close()
         log.info("worker %s deregistered", worker_id)
         return True
 
     def heartbeat(self, worker_id, info=None):
         """A worker's periodic sign of life; fault 1 "unknown worker" asks it to register again."""
         want_str(worker_id, "worker_id", limit=256)
-        info = want_struct(info if info is not None else {}, "info")
+        _, fields = self._worker_fields(info)
         with self.workers_lock:
             rec = self._workers.get(worker_id)
             if rec is None or rec.deregistered:
                 raise NotFound("unknown worker %s" % _short(worker_id))
             came_back = rec.reported_offline
-            self._update(rec, info)
+            self._update(rec, fields)
             rec.reported_offline = False
         if came_back:
             log.info("worker %s back online", worker_id)
@@ -2399,7 +2777,7 @@ class Scheduler(_Role):
 
     def workers(self):
         """Every worker ever registered since start, with ``online``."""
-        now = time.time()
+        now = time.monotonic()
         with self.workers_lock:
             return [rec.to_struct(now) for rec in self._workers.values()]
 
@@ -2414,17 +2792,17 @@ class Scheduler(_Role):
 
     def _online_worker(self, rec, job_id=None):
         """rec if it is online; else fault 3 naming it, when it was last seen (and the job)."""
-        now = time.time()
+        now = time.monotonic()
         with self.workers_lock:
             if rec.online(now):
                 return rec
-            address, silent = rec.address, now - rec.last_seen
+            address, silent = rec.address, now - rec.seen_at
         raise Unavailable("%sworker %s (%s, last seen %d s ago) is offline" % (
             "job %s: " % job_id if job_id else "", rec.worker_id, address, round(silent)))
 
     def _no_worker_took(self, refusals):
         """Fault 3's message when no worker took a job; refusals: [(worker_id, error)], in order."""
-        now = time.time()
+        now = time.monotonic()
         with self.workers_lock:
             registered = len(self._workers)
             online = [rec for rec in self._workers.values() if rec.online(now)]
@@ -2450,12 +2828,14 @@ class Scheduler(_Role):
 
     # -- routing -------------------------------------------------------------------------------
 
-    def _pick_worker(self, tried):
-        """The untried online worker with the most free slots, ties taken round-robin.
+    def _pick_worker(self, tried, accept=None):
+        """The untried online worker with the most free slots, ties taken round-robin; its slot
+        is held (``running`` + 1) until its next heartbeat tells the truth. ``accept``, if given,
+        is a test of a WorkerRecord (called under workers_lock: keep it quick).
 
         Free slots are as of the last heartbeat plus the starts since; a worker that looks full
         is still tried last, since only the worker itself knows (it refuses with fault 3)."""
-        now = time.time()
+        now = time.monotonic()
         with self.workers_lock:
             records = list(self._workers.values())
             self._round_robin += 1
@@ -2464,45 +2844,81 @@ class Scheduler(_Role):
             for rec in records[first:] + records[:first]:
                 free = rec.slots - rec.running
                 if (best_free is None or free > best_free) and rec.worker_id not in tried \
-                        and rec.online(now):
+                        and rec.online(now) and (accept is None or accept(rec)):
                     best, best_free = rec, free
             if best is not None:
-                best.running += 1  # until its next heartbeat tells the truth
+                best.running += 1
             return best
 
     def start(self, worker_id, command, path, options=None):
-        """Start a job on worker_id, or on the worker with the most free slots if it is ""."""
+        """Start a job on worker_id, or on the worker with the most free slots if it is "".
+
+        The job is named before it is placed: its job_id is the caller's (options' ``job_id``)
+        or a new UUID, sent to the worker, whose start is idempotent. A job_id the scheduler has
+        placed before goes to the same worker again. See _start_on for when placement moves on."""
         want_str(worker_id, "worker_id", limit=256)
         want_str(command, "command", empty=False)
         want_str(path, "path")
-        if options is not None:
-            parse_job_options(options)  # refuse bad input here, not as a failure to forward it
-        params = (command, path) + ((options,) if options is not None else ())
-        if worker_id:
-            rec = self._online_worker(self._worker(worker_id))
-            with self.workers_lock:  # before the call, as _pick_worker does: a heartbeat sent
-                rec.running += 1     # when the job ends, even a very short one, is then the truth
+        options = {key: value for key, value in parse_job_options(
+            options if options is not None else {}).items() if value}
+        job_id = options.setdefault("job_id", str(uuid.uuid4()))
+        with self.workers_lock:
+            placed = self._job_index.get(job_id)
+        if placed and worker_id not in ("", placed):
+            raise BadRequest("job %s was placed on worker %s, not %s" % (job_id, placed, _short(worker_id)))
+        if placed or worker_id:
+            rec = self._online_worker(self._worker(placed or worker_id))
+            with self.workers_lock:
+                rec.running += 1
+            return self._start_on(rec, command, path, options)
+        tried, refusals = set(), []
+        while True:
+            rec = self._pick_worker(tried)
+            if rec is None:
+                raise Unavailable(self._no_worker_took(refusals))
             try:
-                job_id = rec.client.call("start", *params)
-            except BaseException:
-                with self.workers_lock:
-                    rec.running -= 1
+                return self._start_on(rec, command, path, options)
+            except OutcomeUnknown:
                 raise
-        else:
-            tried, refusals = set(), []
-            while True:
-                rec = self._pick_worker(tried)
-                if rec is None:
-                    raise Unavailable(self._no_worker_took(refusals))
-                try:
-                    job_id = rec.client.call("start", *params)
-                    break
-                except Unavailable as e:  # full, disk full, shutting down or unreachable: next
-                    log.info("worker %s refused a job: %s", rec.worker_id, e)
-                    tried.add(rec.worker_id)
-                    refusals.append((rec.worker_id, e))
+            except Unavailable as e:  # full, disk full, shutting down, or never reached: next
+                log.info("worker %s refused a job: %s", rec.worker_id, e)
+                tried.add(rec.worker_id)
+                refusals.append((rec.worker_id, e))
+
+    def _start_on(self, rec, command, path, options):
+        """Start a job on rec, whose slot the caller holds; ``options`` carry its job_id.
+        Returns the job_id, indexed on rec.
+
+        When rec certainly did not start the job -- a fault answer, or no request sent whole
+        (connection refused, failed TLS handshake) -- the slot is given back and the error
+        raised: the caller may try another worker. When the outcome is unknown (timed out,
+        connection lost after sending), rec is asked again with the same job_id (start is
+        idempotent) until it answers with the job_id or --rpc-timeout runs out; then
+        OutcomeUnknown, with the job indexed on rec so that a later query tells the truth.
+        Never another worker then: that is how a job could run twice. (Nor after a fault to a
+        second ask: the first request may still wait unread in the worker's socket.)"""
+        job_id = options["job_id"]
+        deadline = time.monotonic() + self.rpc_timeout
+        unknown, delay = None, 0.05
+        while True:
+            try:
+                # The first call has the client's timeout (no settimeout syscalls); a retry
+                # gets what is left of the rpc timeout.
+                timeout = None if unknown is None else max(deadline - time.monotonic(), 0.05)
+                rec.client.call("start", command, path, options, timeout=timeout)
+                break
+            except JobschedError as e:
+                if unknown is None and not isinstance(e, OutcomeUnknown):  # certainly not started
                     with self.workers_lock:
                         rec.running -= 1
+                    raise
+                unknown = unknown or e
+            if time.monotonic() + delay >= deadline or self._closed.wait(delay):
+                self._remember((job_id, rec.worker_id))
+                log.warning("job %s may have started on worker %s: %s", job_id, rec.worker_id, unknown)
+                raise OutcomeUnknown("outcome unknown: job %s may have started on worker %s (%s)"
+                                     % (job_id, rec.worker_id, unknown))
+            delay = min(2 * delay, 1.0)
         self._remember((job_id, rec.worker_id))
         self.metrics.inc("jobsched_jobs_started_total")
         return job_id
@@ -2533,13 +2949,15 @@ class Scheduler(_Role):
         return found[0], job_id
 
     def _ask_online(self, method, *params, first=None):
-        """Call method on every online worker in parallel: [(rec, result or JobschedError)].
+        """Call method on every online worker in parallel: [(rec, result or JobschedError)],
+        within the rpc timeout and half a second; a worker that has not answered by then is
+        Unavailable.
 
         With ``first`` given, returns [(rec, result)] as soon as first(result) is true, so a hung
         worker delays only the answers that need it."""
-        now = time.time()
+        deadline = time.monotonic() + self.rpc_timeout + 0.5
         with self.workers_lock:
-            records = [rec for rec in self._workers.values() if rec.online(now)]
+            records = [rec for rec in self._workers.values() if rec.online(time.monotonic())]
         if not records:
             return []
 
@@ -2547,18 +2965,29 @@ class Scheduler(_Role):
 
         def ask(rec):
             try:
-                answers.put((rec, rec.client.call(method, *params)))
+                result = rec.client.call(method, *params)
             except JobschedError as e:
-                answers.put((rec, e))
+                result = e
+            except Exception as e:  # RPCClient turns a peer's failures into JobschedError: a bug
+                log.exception("internal error asking worker %s", rec.worker_id)
+                result = InternalError("internal error asking worker %s: %s" % (rec.worker_id, e))
+            answers.put((rec, result))
         # Daemon threads, not an executor: a hung worker must not hold up the process's exit.
         for rec in records:
             threading.Thread(target=ask, args=(rec,), daemon=True).start()
         results = []
-        for _ in records:  # each call ends within the rpc timeout
-            rec, result = answers.get()
+        for _ in records:  # each call ends within the rpc timeout, or is not waited for
+            try:
+                rec, result = answers.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
             if first is not None and first(result):
                 return [(rec, result)]
             results.append((rec, result))
+        answered = {rec.worker_id for rec, _ in results}
+        results.extend((rec, Unavailable("no answer from worker %s within %g s"
+                                         % (rec.worker_id, self.rpc_timeout)))
+                       for rec in records if rec.worker_id not in answered)
         return results
 
     def stop(self, *ids):
@@ -2578,10 +3007,10 @@ class Scheduler(_Role):
 
         The RPC passes relay=True: the worker's reply (up to a MiB of base64) goes on unparsed."""
         wait = min(want_number(wait_seconds, "wait_seconds"), MAX_WAIT_SECONDS)
-        want_number(offset, "offset", integer=True)
-        want_number(max_bytes, "max_bytes", integer=True)
+        offset = want_number(offset, "offset", integer=True)
+        max_bytes = min(want_number(max_bytes, "max_bytes", integer=True), MAX_OUTPUT_CHUNK)
         rec, job_id = self._route((job_id,))
-        return rec.client.call("output", job_id, offset, max_bytes, wait,
+        return rec.client.call("output", job_id, wire_int(offset), max_bytes, wait,
                                timeout=self.rpc_timeout + wait, relay=relay)
 
     def jobs(self):
@@ -2858,7 +3287,7 @@ def _queued_count(scheduler):
 
 
 def scheduler_metrics(scheduler):
-    now = time.time()
+    now = time.monotonic()
     with scheduler.workers_lock:
         keys = [(rec.worker_id, rec.hostname or rec.address or "", rec.slots, rec.running)
                 for rec in scheduler._workers.values()]

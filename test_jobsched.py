@@ -16,6 +16,7 @@ import select
 import shutil
 import signal
 import socket
+import socketserver
 import ssl
 import stat
 import subprocess
@@ -2047,7 +2048,7 @@ class HTTPTest(ClusterTestCase):
             self.assertEqual(status, 400, request[:40])
         status, headers, body = raw_http(scheduler.address, http_request(
             scheduler.address, "GET", "/workers", content_length=False).replace(
-            b"Host:", b"hOsT :"))
+            b"Host:", b"hOsT:"))
         self.assertEqual((status, json.loads(body.decode())), (200, {"workers": []}))
 
     def assert_parked_connection_is_served(self, scheduler, connection):
@@ -2111,7 +2112,7 @@ class HostileInputTest(ClusterTestCase):
             status, _, _ = raw_http(address, http_request(
                 address, "POST", "/RPC2", headers=(("Transfer-Encoding", "chunked"),),
                 content_length=False))
-            self.assertEqual(status, 411)
+            self.assertEqual(status, 400)
             status, _, _ = raw_http(address, http_request(
                 address, "POST", "/RPC2", rpc_body("info"), headers=(("Content-Encoding", "gzip"),)))
             self.assertEqual(status, 415)
@@ -3936,6 +3937,536 @@ class WorkerHardeningTest(ClusterTestCase):
         done = self.cli("stop", job_id, "--scheduler", scheduler.address, "--rpc-timeout", "0.5")
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(client.query(job_id)["state"], "stopped")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening of the scheduler and the transport: exactly-once starts, strict HTTP, integers,
+# odd peers, TLS keep-alive, connection lifetimes, the wall clock
+# ---------------------------------------------------------------------------------------------
+
+class _ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+
+class ScriptedPeer(http.server.BaseHTTPRequestHandler):
+    """An XML-RPC peer whose answers a test scripts: ``server.answer(method, params, n)`` (n
+    counts the requests) returns the reply body, or None to close without answering."""
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        params, method = xmlrpc.client.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append((method, params))
+        reply = self.server.answer(method, params, len(self.server.requests))
+        if reply is None:
+            self.close_connection = True
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+def scripted_peer(case, answer):
+    """A ScriptedPeer serving in a thread until cleanup; returns (server, HOST:PORT)."""
+    server = _ThreadingHTTPServer(("127.0.0.1", 0), ScriptedPeer)
+    server.requests, server.answer = [], answer
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    case.addCleanup(server.server_close)
+    case.addCleanup(thread.join, 10)
+    case.addCleanup(server.shutdown)
+    return server, "127.0.0.1:%d" % server.server_address[1]
+
+
+def read_to_end(sock):
+    """Everything the peer sends until it closes (a reset counts as a close)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def xml_request(method, *values):
+    """An XML-RPC request body with each value given as its raw XML (e.g. "<i8>5</i8>")."""
+    return ("<?xml version='1.0'?><methodCall><methodName>%s</methodName><params>%s</params>"
+            "</methodCall>" % (method, "".join("<param><value>%s</value></param>" % v
+                                               for v in values))).encode()
+
+
+class ExactlyOnceTest(ClusterTestCase):
+    """The scheduler names a job before placing it, and starts it on another worker only when
+    the first certainly did not start it."""
+
+    def test_stopped_worker_runs_the_job_once_and_query_tells_the_truth(self):
+        scheduler = self.scheduler(rpc_timeout=1.0)
+        # The stopped worker has the most free slots, so automatic placement tries it first.
+        stopped, stopped_address = self.spawn(*worker_args(
+            scheduler.address, self.tempdir(), "--slots", "8", "--heartbeat", "30"))
+
+        def resume_and_stop():
+            if stopped.poll() is None:
+                stopped.send_signal(signal.SIGCONT)
+                stopped.terminate()
+                stopped.wait(timeout=15)
+        self.addCleanup(resume_and_stop)
+        other = self.worker(scheduler, slots=1, heartbeat=30)
+        client = self.client(scheduler)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 2,
+                   message="workers to register")
+        stopped_id = self.client(stopped_address).info()["worker_id"]
+        marker = os.path.join(self.tempdir(), "runs")
+
+        stopped.send_signal(signal.SIGSTOP)
+        error = fault_of(client.start, "", "sh", "", sh_args('echo ran >> "$1"', marker))
+        self.assertIs(type(error), jobsched.Unavailable, error)  # fault 3, not a job on `other`
+        found = re.search(r"outcome unknown: job (\S+) may have started on worker (\S+)", str(error))
+        self.assertIsNotNone(found, str(error))
+        job_id, worker_id = found.groups()
+        self.assertEqual(worker_id, stopped_id)
+        stopped.send_signal(signal.SIGCONT)  # the worker reads the start it was sent, and runs it
+        wait_until(lambda: fault_of(client.query, job_id) is None, message="the job to start")
+        job = self.wait_done(client, job_id)
+        self.assertEqual((job["state"], job["worker_id"]), ("succeeded", stopped_id))
+        with open(marker) as f:
+            self.assertEqual(f.read(), "ran\n")
+        self.assertEqual(self.client(other).jobs(), [])
+
+    def test_no_answer_is_asked_again_with_the_same_job_id(self):
+        def answer(method, params, count):
+            if count == 1:
+                return None  # the request was read, the connection closed: outcome unknown
+            return xmlrpc.client.dumps((params[2]["job_id"],), methodresponse=True).encode()
+        peer, address = scripted_peer(self, answer)
+        scheduler = self.scheduler()
+        client = self.client(scheduler)
+        client.register(address, {"slots": 4})
+        job_id = client.start("", "true", "", {"args": ["x"]})
+        self.assertEqual(str(uuid.UUID(job_id)), job_id)
+        self.assertEqual([method for method, _ in peer.requests], ["start", "start"])
+        (first, second) = [params for _, params in peer.requests]
+        self.assertEqual(first, second)
+        self.assertEqual(first, ("true", "", {"args": ["x"], "job_id": job_id}))
+
+    def test_a_fault_after_no_answer_is_not_taken_for_certain(self):
+        # The unanswered request may still wait unread in the worker's socket: a "full" from
+        # the next ask does not mean the job will not start.
+        full = xmlrpc.client.dumps(xmlrpc.client.Fault(3, "worker is full (1 slots)")).encode()
+        peer, address = scripted_peer(self, lambda method, params, count: None if count == 1 else full)
+        scheduler = self.scheduler(rpc_timeout=0.5)
+        client = self.client(scheduler)
+        peer_id = client.register(address, {"slots": 100})
+        other = self.worker(scheduler, slots=1, heartbeat=30)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 2,
+                   message="workers to register")
+        error = fault_of(client.start, "", "true", "")
+        self.assertIs(type(error), jobsched.Unavailable)
+        self.assertIn("may have started on worker %s" % peer_id, str(error))
+        self.assertGreaterEqual(len(peer.requests), 2)
+        self.assertEqual(len({params[2]["job_id"] for _, params in peer.requests}), 1)
+        self.assertEqual(self.client(other).jobs(), [])
+
+    def test_callers_job_id_is_placed_once(self):
+        scheduler, workers, client = self.cluster(2, heartbeat=30)
+        job_id, marker = str(uuid.uuid4()), os.path.join(self.tempdir(), "runs")
+        options = dict(sh_args('echo ran >> "$1"', marker), job_id=job_id.upper())
+        self.assertEqual(client.start("", "sh", "", options), job_id)
+        placed = self.wait_done(client, job_id)["worker_id"]
+        for _ in range(3):  # a caller retrying its start: the same worker answers, nothing runs
+            self.assertEqual(client.start("", "sh", "", options), job_id)
+        with open(marker) as f:
+            self.assertEqual(f.read(), "ran\n")
+        elsewhere = [w.worker_id for w in workers if w.worker_id != placed][0]
+        self.assertIs(type(fault_of(client.start, elsewhere, "sh", "", options)), jobsched.BadRequest)
+        self.assertEqual([j["job_id"] for j in client.jobs()], [job_id])
+
+    def test_a_refused_connection_moves_on_to_the_next_worker(self):
+        scheduler = self.scheduler()
+        client = self.client(scheduler)
+        client.register("127.0.0.1:%d" % free_port(), {"slots": 100})  # nothing listens there
+        worker = self.worker(scheduler, slots=1, heartbeat=30)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 2,
+                   message="workers to register")
+        job_id = client.start("", "true", "")
+        self.assertEqual(self.wait_done(client, job_id)["worker_id"], worker.worker_id)
+
+    def test_client_tells_not_sent_from_no_answer(self):
+        refused = self.client("127.0.0.1:%d" % free_port(), timeout=2.0)
+        self.assertIs(type(fault_of(refused.info)), jobsched.Unreachable)
+        silent = socket.socket()  # listens, never accepts: the kernel takes the request
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        unanswered = self.client("127.0.0.1:%d" % silent.getsockname()[1], timeout=0.3)
+        error = fault_of(unanswered.info)
+        self.assertIs(type(error), jobsched.OutcomeUnknown)
+        self.assertIn("timed out", str(error))
+
+    def test_kept_alive_connection_closed_by_the_server_is_used_again_once(self):
+        scheduler = self.scheduler(read_timeout=0.3)
+        scheduler.server.park_after = 0.05
+        client = self.client(scheduler)
+        client.check_after = 3600.0  # no look before use: the request meets the closed connection
+        self.assertEqual(client.info()["role"], "scheduler")
+        sock = client._idle[-1]._connection[1].sock
+        wait_until(lambda: select.select([sock], [], [], 0)[0],
+                   message="the server to close the idle connection")
+        self.assertEqual(client.info()["role"], "scheduler")
+
+
+class StrictHTTPTest(ClusterTestCase):
+    """Requests whose framing two parsers could read differently get 400 and a close; one
+    deadline covers the whole of a request."""
+
+    def exchange(self, address, data):
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(data)
+            return read_to_end(sock)
+
+    def assert_refused(self, address, request, reason):
+        reply = self.exchange(address, request)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 400 "), (request, reply[:200]))
+        self.assertEqual(reply.count(b"HTTP/1.1 "), 1, reply)  # nothing in it read as a request
+        head, _, body = reply.partition(b"\r\n\r\n")
+        self.assertIn(b"\r\nConnection: close\r\n", head + b"\r\n")
+        self.assertIn(reason, json.loads(body.decode())["error"])
+
+    def test_ambiguous_framing_is_400_and_close(self):
+        scheduler = self.scheduler(read_timeout=1.0)
+        worker = self.worker(None, read_timeout=1.0)
+        for role in (scheduler, worker):
+            address = role.address
+            smuggled = b"GET /jobs HTTP/1.1\r\nConnection: close\r\n\r\n"
+            body = rpc_body("info")
+            for request, reason in [
+                    (b"GET /workers HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+                     + smuggled, "must not have a body"),
+                    (b"PUT /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+                     + smuggled, "must not have a body"),
+                    (b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\nContent-Length: %d\r\n\r\n"
+                     % (len(body), len(body)) + body, "more than one Content-Length"),
+                    (b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\nContent-Length: 0\r\n\r\n"
+                     % len(body) + body, "more than one Content-Length"),
+                    (b"POST /RPC2 HTTP/1.1\r\nContent-Length : %d\r\n\r\n" % len(body) + body,
+                     "whitespace before a header's colon"),
+                    (b"POST /RPC2 HTTP/1.1\r\nX-A: b\r\n c: d\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body, "folded header line"),
+                    (b"POST /RPC2 HTTP/1.1\r\nTransfer-Encoding: identity\r\nContent-Length: %d"
+                     b"\r\n\r\n" % len(body) + body, "Transfer-Encoding"),
+                    (b"POST /RPC2 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body)
+                     + body + b"\r\n0\r\n\r\n", "Transfer-Encoding"),
+                    (b"GET /workers HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                     "Transfer-Encoding")]:
+                with self.subTest(role=type(role).__name__, request=request[:60]):
+                    self.assert_refused(address, request, reason)
+            reply = self.exchange(address, b"GET /nowhere HTTP/1.1\r\nContent-Length: 0\r\n"
+                                           b"Connection: close\r\n\r\n")
+            self.assertTrue(reply.startswith(b"HTTP/1.1 404 "), reply[:100])
+            self.assertEqual(xml_call(address, body)["version"], jobsched.__version__)
+
+    def test_a_trickled_request_is_cut_off_at_the_read_timeout(self):
+        scheduler = self.scheduler(read_timeout=0.5)
+        host, port = scheduler.address.rsplit(":", 1)
+        # A header line that never ends, and a body that never does; a byte every 50 ms
+        # keeps any per-recv() timeout from firing.
+        for start in (b"GET /workers HTTP/1.1\r\nX-Slow: ",
+                      b"POST /RPC2 HTTP/1.1\r\nContent-Length: 100000\r\n\r\n"):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            self.addCleanup(sock.close)
+            sock.sendall(start)
+            stop = threading.Event()
+
+            def trickle():
+                while not stop.wait(0.05):
+                    try:
+                        sock.send(b"x")
+                    except OSError:
+                        return
+            thread = threading.Thread(target=trickle)
+            thread.start()
+            self.addCleanup(thread.join, 10)
+            self.addCleanup(stop.set)
+            self.assertEqual(read_to_end(sock), b"")  # closed without an answer, well within 10 s
+            stop.set()
+        self.assertEqual(self.client(scheduler).info()["role"], "scheduler")
+
+
+class WireIntegerTest(ClusterTestCase):
+    """Numbers past 32 bits, as <i8> or <int>, are answered or refused (fault 2), never fault 4."""
+
+    def test_output_offsets_past_2_gib_through_the_scheduler(self):
+        scheduler, _, client = self.cluster(1)
+        job_id = client.start("", "sh", "", sh_args("printf abc"))
+        self.wait_done(client, job_id)
+        big = "3000000000"
+        for offset, max_bytes, wait in [("<i8>%s</i8>" % big, "<i8>10</i8>", "<i8>0</i8>"),
+                                        ("<int>%s</int>" % big, "<int>%s</int>" % big, "<int>0</int>"),
+                                        ("<double>%s.0</double>" % big, "<int>10</int>",
+                                         "<i8>%s</i8>" % big)]:
+            with self.subTest(offset=offset, max_bytes=max_bytes, wait=wait):
+                reply = xml_call(scheduler.address, xml_request(
+                    "output", "<string>%s</string>" % job_id, offset, max_bytes, wait))
+                self.assertNotIsInstance(reply, xmlrpc.client.Fault)
+                self.assertEqual((reply["data"].data, reply["offset"], reply["eof"]),
+                                 (b"", int(big), True))
+        reply = xml_call(scheduler.address, xml_request(
+            "output", "<string>%s</string>" % job_id, "<i8>1</i8>", "<i8>%s</i8>" % big))
+        self.assertEqual((reply["data"].data, reply["offset"]), (b"bc", 3))
+        self.assertEqual(client.output(job_id, 3000000000, 10)["offset"], 3000000000)
+
+    def test_out_of_range_worker_info_is_fault_2_and_workers_keeps_answering(self):
+        scheduler = self.scheduler()
+        client = self.client(scheduler)
+        worker_id = client.register("127.0.0.1:1", {"slots": 2, "heartbeat": 30})
+        for member in ("<name>slots</name><value><i8>4294967296</i8></value>",
+                       "<name>running</name><value><int>4294967296</int></value>",
+                       "<name>slots</name><value><int>-1</int></value>",
+                       "<name>slots</name><value><double>1.5</double></value>",
+                       "<name>slots</name><value><string>4</string></value>",
+                       "<name>heartbeat</name><value><double>1e300</double></value>",
+                       "<name>heartbeat</name><value><double>nan</double></value>",
+                       "<name>stop_grace</name><value><double>-1</double></value>",
+                       "<name>tls</name><value><int>1</int></value>"):
+            info = "<struct><member>%s</member></struct>" % member
+            for request in (xml_request("heartbeat", "<string>%s</string>" % worker_id, info),
+                            xml_request("register", "<string>127.0.0.1:1</string>", info)):
+                with self.subTest(request=request):
+                    fault = xml_call(scheduler.address, request)
+                    self.assertIsInstance(fault, xmlrpc.client.Fault)
+                    self.assertEqual(fault.faultCode, 2, fault.faultString)
+                    self.assertIn("info.", fault.faultString)
+        (listed,) = client.workers()
+        self.assertEqual((listed["worker_id"], listed["slots"], listed["online"]), (worker_id, 2, True))
+        self.assertIs(client.heartbeat(worker_id, {"slots": 2 ** 31 - 1, "running": 0}), True)
+        self.assertEqual(client.workers()[0]["slots"], 2 ** 31 - 1)
+
+
+class OddPeerTest(ClusterTestCase):
+    """Nothing one worker does hangs the scheduler; an address that cannot be dialled is refused."""
+
+    def test_a_worker_answering_nonsense_cannot_hang_the_scheduler(self):
+        nonsense = (b"<?xml version='1.0'?><methodResponse><params><param><value><int>zz</int>"
+                    b"</value></param></params></methodResponse>")
+        peer, address = scripted_peer(self, lambda method, params, count: nonsense)
+        scheduler = self.scheduler(rpc_timeout=1.0)
+        healthy = self.worker(scheduler, heartbeat=30)
+        client = self.client(scheduler, timeout=5.0)  # a hang shows as this client's timeout
+        odd_id = client.register(address, {"slots": 0})
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 2,
+                   message="workers to register")
+        baseline = threading.active_count()
+        job_id = client.start(healthy.worker_id, "true", "")
+        for _ in range(3):
+            self.assertEqual([j["job_id"] for j in client.jobs()], [job_id])
+        error = fault_of(client.query, str(uuid.uuid4()))  # asked of every worker
+        self.assertIs(type(error), jobsched.Unavailable)
+        self.assertIn("did not", str(error))
+        error = fault_of(client.start, odd_id, "true", "")
+        self.assertIs(type(error), jobsched.Unavailable)
+        self.assertIn("outcome unknown", str(error))
+        self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+        wait_until(lambda: threading.active_count() <= baseline, message="no thread left behind")
+
+    def test_register_refuses_an_address_that_is_not_host_port(self):
+        scheduler = self.scheduler()
+        for bad in ("node1..example.org:1", "-node.example.org:1", "node_1.example.org:1",
+                    "a b:1", "1.2.3.999:1", "[1.2.3.4]:1", "[::1:1", "node:0", ":1",
+                    "x" * 64 + ".example.org:1", "node.example.org"):
+            with self.subTest(address=bad):
+                code, message = raw_fault(scheduler.address, "register", bad)
+                self.assertEqual(code, 2)
+                self.assertIn("is not HOST:PORT", message)
+        client = self.client(scheduler)
+        for good in ("node1.example.org:1", "localhost:1", "127.0.0.1:1", "[::1]:1",
+                     "https://node-2.example.org.:443"):
+            client.register(good)
+        self.assertEqual(len(client.workers()), 5)
+
+    def test_worker_with_an_advertise_address_that_is_not_host_port_exits_2(self):
+        result = self.cli(*worker_args("127.0.0.1:%d" % free_port(), self.tempdir(),
+                                       "--advertise", "node1..example.org:1"), timeout=20)
+        stderr = result.stderr.decode()
+        self.assertEqual(result.returncode, 2, stderr)
+        self.assertIn("--advertise 'node1..example.org:1' is not HOST:PORT", stderr)
+        self.assertNotIn("Traceback", stderr)
+
+    def test_worker_exits_2_when_the_scheduler_refuses_to_register_it(self):
+        def register(address, info=None):
+            raise jobsched.BadRequest("no room for %s" % address)
+        refusing = jobsched.RPCServer("127.0.0.1:0", jobsched.Security(), {"register": register})
+        refusing.serve_in_thread()
+        self.addCleanup(refusing.close)
+        result = self.cli(*worker_args(refusing.address, self.tempdir()), timeout=20)
+        stderr = result.stderr.decode()
+        self.assertEqual(result.returncode, 2, stderr)
+        self.assertIn("jobsched: error: scheduler %s refused to register this worker: no room for "
+                      "127.0.0.1:" % refusing.address, stderr)
+        self.assertNotIn("Traceback", stderr)
+
+
+class TLSKeepAliveTest(ClusterTestCase):
+    """Idle TLS connections end with close_notify and a half-close, and no call fails on one;
+    a failed handshake is a certain failure."""
+
+    @classmethod
+    def setUpClass(cls):
+        if shutil.which("openssl") is None:
+            raise unittest.SkipTest("the openssl command is not installed")
+        cls.cert_dir = tempfile.mkdtemp(prefix="jobsched-tls-")
+        try:
+            cls.a, cls.b = make_certificates(cls.cert_dir)
+        except BaseException:
+            shutil.rmtree(cls.cert_dir, ignore_errors=True)
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.cert_dir, ignore_errors=True)
+
+    def files(self, name):
+        return {"tls_cert": os.path.join(self.a, name + ".pem"),
+                "tls_key": os.path.join(self.a, name + ".key"),
+                "tls_ca": os.path.join(self.a, "ca.pem")}
+
+    def test_stock_client_reconnects_after_the_server_closed_an_idle_connection(self):
+        files = self.files("scheduler")
+        scheduler = self.scheduler(read_timeout=0.3, tls_cert=files["tls_cert"],
+                                   tls_key=files["tls_key"])
+        scheduler.server.park_after = 0.05
+        context = ssl.create_default_context(cafile=files["tls_ca"])
+        proxy = xmlrpc.client.ServerProxy(
+            "https://localhost:%s/RPC2" % scheduler.address.rsplit(":", 1)[1], context=context)
+        self.addCleanup(proxy("close"))
+        self.assertEqual(proxy.info()["role"], "scheduler")
+        sock = proxy("transport")._connection[1].sock
+        wait_until(lambda: select.select([sock], [], [], 0)[0],
+                   message="the server to close the idle connection")
+        # Python 3.10-3.12 raise SSLEOFError here if the connection was simply closed.
+        self.assertEqual(proxy.info()["role"], "scheduler")
+
+    def test_scheduler_never_fails_a_call_on_a_connection_the_worker_closed(self):
+        scheduler = self.scheduler(**self.files("scheduler"))
+        worker = self.worker(scheduler, read_timeout=0.3, **self.files("worker"))
+        worker.server.park_after = 0.05
+        client = self.client(scheduler, **self.files("client"))
+        wait_until(lambda: [w["online"] for w in client.workers()] == [True],
+                   message="worker to register")
+        pool = scheduler._workers[worker.worker_id].client
+        pool.check_after = 3600.0  # no look before use: the start meets the closed connection
+        self.wait_done(client, client.start("", "true", ""))
+        sock = pool._idle[-1]._connection[1].sock
+        wait_until(lambda: select.select([sock], [], [], 0)[0],
+                   message="the worker to close the idle connection")
+        job_id = client.start("", "true", "")  # was: "no worker has a free slot"
+        self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+
+    def test_a_worker_refusing_the_schedulers_certificate_did_not_start_the_job(self):
+        scheduler = self.scheduler(rpc_timeout=2.0, **self.files("scheduler"))
+        # It wants client certificates from the other CA; TLS 1.3 tells the scheduler so only
+        # after the request was sent, as an alert.
+        refusing = self.worker(None, tls_cert=os.path.join(self.a, "worker.pem"),
+                               tls_key=os.path.join(self.a, "worker.key"),
+                               tls_ca=os.path.join(self.b, "ca.pem"))
+        worker = self.worker(scheduler, slots=1, heartbeat=30, **self.files("worker"))
+        client = self.client(scheduler, **self.files("client"))
+        client.register(refusing.address, {"tls": True, "slots": 100, "heartbeat": 0})
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 2,
+                   message="workers to register")
+        job_id = client.start("", "true", "")  # tried on the refusing worker first, then here
+        self.assertEqual(self.wait_done(client, job_id)["worker_id"], worker.worker_id)
+
+
+class ConnectionLifetimeTest(ClusterTestCase):
+    """The scheduler closes its connections to workers that left and those idle for long."""
+
+    @unittest.skipUnless(os.path.isdir("/proc/self/fd"), "counting open files needs /proc")
+    def test_departed_workers_leave_no_connection_open(self):
+        scheduler = self.scheduler(rpc_timeout=2.0)
+        client = self.client(scheduler)
+        peers = []
+        for _ in range(4):
+            peer = jobsched.RPCServer("127.0.0.1:0", jobsched.Security(), {"jobs": lambda: []})
+            peer.serve_in_thread()
+            self.addCleanup(peer.close)
+            peers.append(peer.address)
+        client.register(peers[0], {"worker_id": "stays", "heartbeat": 0})
+        client.jobs()  # its connection is what the remaining worker needs
+
+        def open_files():
+            return len(os.listdir("/proc/self/fd"))
+        baseline = open_files()
+        for i in range(100):
+            worker_id = "comes-and-goes-%d" % i
+            client.register(peers[1 + i % 3], {"worker_id": worker_id, "heartbeat": 60})
+            self.assertEqual(client.jobs(), [])  # a connection to it, and the one to "stays"
+            if i % 3 == 0:
+                client.deregister(worker_id)
+            elif i % 3 == 1:  # registers elsewhere, is asked there, then leaves
+                client.register(peers[1 + (i + 1) % 3], {"worker_id": worker_id, "heartbeat": 60})
+                self.assertEqual(client.jobs(), [])
+                client.deregister(worker_id)
+            else:  # falls silent: offline three short intervals after this heartbeat
+                client.heartbeat(worker_id, {"heartbeat": 0.05})
+        wait_until(lambda: [w["worker_id"] for w in client.workers() if w["online"]] == ["stays"],
+                   message="the silent workers to go offline")
+        wait_until(lambda: open_files() <= baseline, message="connections to be closed (%d open "
+                   "files, %d before)" % (open_files(), baseline))
+
+    def test_pooled_connections_idle_for_long_are_closed(self):
+        self.addCleanup(setattr, jobsched.RPCClient, "idle_timeout", jobsched.RPCClient.idle_timeout)
+        jobsched.RPCClient.idle_timeout = 0.2
+        scheduler, (worker,), client = self.cluster(1, heartbeat=30)
+        self.wait_done(client, client.start("", "true", ""))
+        pool = scheduler._workers[worker.worker_id].client
+        self.assertTrue(pool._idle)
+        sock = pool._idle[-1]._connection[1].sock
+        wait_until(lambda: not pool._idle and sock.fileno() == -1,
+                   message="the idle connection to be closed")
+        self.assertEqual(self.wait_done(client, client.start("", "true", ""))["state"], "succeeded")
+
+
+class WallClockTest(ClusterTestCase):
+    """Worker liveness is measured on the monotonic clock."""
+
+    def step_wall_clock(self, seconds):
+        real = jobsched.time
+
+        class SteppedTime:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def time(self):
+                return real.time() + seconds
+        jobsched.time = SteppedTime()
+        self.addCleanup(setattr, jobsched, "time", real)
+
+    def online(self, client):
+        return [w["online"] for w in client.workers()]
+
+    def test_stepping_the_wall_clock_changes_no_worker_state(self):
+        scheduler = self.scheduler()
+        client = self.client(scheduler)
+        client.register("127.0.0.1:1", {"worker_id": "steady", "heartbeat": 30})
+        client.register("127.0.0.1:2", {"worker_id": "silent", "heartbeat": 0.1})
+        self.step_wall_clock(-3600)  # back an hour: the silent worker still goes offline
+        wait_until(lambda: self.online(client) == [True, False], timeout=5,
+                   message="the silent worker to go offline")
+        self.step_wall_clock(7200)  # an hour ahead of the real time: the steady one stays online
+        self.assertEqual(self.online(client), [True, False])
+        client.heartbeat("silent", {"heartbeat": 30})
+        self.assertEqual(self.online(client), [True, True])
+        self.assertGreater(client.workers()[1]["last_seen"], time.time() + 3000)  # shown as is
 
 
 if __name__ == "__main__":
