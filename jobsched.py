@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import os
+import platform
 import pyexpat
 import queue
 import random
@@ -68,6 +69,7 @@ FOLLOW_POLL_SECONDS = 0.02    # how often a waiting output() looks at the file a
 MISSED_HEARTBEATS = 3         # a worker silent this many intervals is offline
 JOB_INDEX_LIMIT = 1000000     # job ids the scheduler remembers; older ones are asked for
 JOURNAL_LIMIT = 4 * MiB       # a worker's journal of started jobs is rewritten past this size
+FAN_OUT_THREADS = 64          # the most threads a start_all calls workers from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +280,78 @@ def parse_job_options(options):
         "timeout": want_timeout(timeout) if timeout is not None else None,
         "job_id": want_job_id(options["job_id"]) if "job_id" in options else None,
     }
+
+
+LABEL_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+MAX_LABEL_VALUE = 256
+MAX_LABELS = 100
+
+
+def want_labels(value, name):
+    """A struct of labels (a worker's) or of constraints (a job's ``on``): keys of 1 to 64
+    characters from A-Z a-z 0-9 _ . -, values printable strings of at most 256 characters."""
+    pairs = want_struct(value, name)
+    if len(pairs) > MAX_LABELS:
+        raise BadRequest("%s has more than %d pairs" % (name, MAX_LABELS))
+    for key, value in pairs.items():
+        if not isinstance(key, str) or not LABEL_KEY.match(key):
+            raise BadRequest("%s: key %s must be 1 to 64 characters from A-Z a-z 0-9 _ . -"
+                             % (name, _short(key)))
+        if not isinstance(value, str):
+            raise BadRequest("%s.%s must be a string, not %s" % (name, key, type(value).__name__))
+        if len(value) > MAX_LABEL_VALUE or not value.isprintable():
+            raise BadRequest("%s.%s must be printable and at most %d characters: %s"
+                             % (name, key, MAX_LABEL_VALUE, _short(value)))
+    return pairs
+
+
+def parse_on(value, name="on"):
+    """A job's placement constraints: {KEY: VALUE}; the value "*" asks only that the key exists."""
+    return want_labels(value, name)
+
+
+def labels_match(labels, on):
+    """True if labels satisfy every pair of on (see parse_on)."""
+    return all(key in labels and value in ("*", labels[key]) for key, value in on.items())
+
+
+def format_labels(pairs):
+    """'k=v,k=v', sorted by key: how labels and constraints are shown."""
+    return ",".join("%s=%s" % item for item in sorted(pairs.items()))
+
+
+def split_on(options):
+    """(options without "on", the checked "on" struct): the scheduler places by "on" and
+    forwards the rest; workers do not know "on"."""
+    if options is None:
+        return None, {}
+    options = want_struct(options, "options")
+    if "on" not in options:
+        return options, {}
+    options = dict(options)
+    return options, parse_on(options.pop("on"), "options.on")
+
+
+def worker_labels(extra=None):
+    """The built-in labels host, os and arch, plus extra; ConfigError for a bad pair or one that
+    would change a built-in label."""
+    labels = {"host": socket.gethostname(), "os": sys.platform, "arch": platform.machine()}
+    try:
+        extra = want_labels(extra or {}, "label")
+    except BadRequest as e:
+        raise ConfigError(str(e))
+    for key, value in sorted(extra.items()):
+        if key in labels and labels[key] != value:
+            raise ConfigError("label %s is built in (%s=%s) and cannot be changed"
+                              % (key, key, labels[key]))
+        labels[key] = value
+    return labels
+
+
+def want_info_labels(info):
+    """Check a worker's info struct's labels in place (register, heartbeat)."""
+    if "labels" in info:
+        info["labels"] = want_labels(info["labels"], "info.labels")
 
 
 def parse_address(text, default_port=None):
@@ -1091,14 +1165,16 @@ class Worker(_Role):
 
     Library use: ``Worker(listen="127.0.0.1:0", scheduler=ADDR, state_dir=DIR)``, then
     start_serving() (or ``with``), ``address``, ``worker_id``, close(). ``scheduler=None`` runs it
-    standalone. RPCs: start, stop, query, output, jobs, info."""
+    standalone. ``labels`` adds to the built-in labels host, os and arch (see worker_labels()).
+    RPCs: start, stop, query, output, jobs, info."""
 
     def __init__(self, listen=DEFAULT_WORKER, scheduler=DEFAULT_SCHEDULER, advertise=None,
                  state_dir=None, slots=None, stop_grace=5.0, heartbeat=2.0, keep_jobs=10000,
                  allow=(), jobs_dir=None, rpc_timeout=10.0, max_request=MiB, read_timeout=30.0,
                  token=None, tls_cert=None, tls_key=None, tls_ca=None, insecure=False,
-                 security=None):
+                 security=None, labels=None):
         self.security = security or Security(token, tls_cert, tls_key, tls_ca, insecure)
+        self.labels = worker_labels(labels)
         self.slots = slots if slots is not None else (os.cpu_count() or 1)
         self.stop_grace, self.heartbeat, self.keep_jobs = stop_grace, heartbeat, keep_jobs
         self.rpc_timeout = rpc_timeout
@@ -1322,7 +1398,7 @@ class Worker(_Role):
             "slots": self.slots, "running": running, "last_seen": time.time(),
             "hostname": socket.gethostname(), "version": __version__,
             "heartbeat": self.heartbeat, "tls": self.security.serves_tls,
-            "stop_grace": self.stop_grace,
+            "stop_grace": self.stop_grace, "labels": dict(self.labels),
         }
 
     def _heartbeat_loop(self):
@@ -1601,7 +1677,7 @@ class WorkerRecord:
     """What the scheduler knows of one worker; fields guarded by Scheduler.workers_lock."""
     __slots__ = ("worker_id", "address", "slots", "running", "last_seen", "hostname", "version",
                  "tls", "heartbeat", "stop_grace", "deregistered", "reported_offline", "client",
-                 "client_tls")
+                 "client_tls", "labels")
 
     def __init__(self, worker_id):
         self.worker_id = worker_id
@@ -1609,6 +1685,7 @@ class WorkerRecord:
         self.slots, self.running, self.heartbeat, self.stop_grace = 1, 0, 0.0, 5.0
         self.last_seen = time.time()
         self.tls = self.deregistered = self.reported_offline = self.client_tls = False
+        self.labels = {}  # replaced as a whole, never changed in place
 
     def online(self, now):
         if self.deregistered:
@@ -1620,7 +1697,7 @@ class WorkerRecord:
             "worker_id": self.worker_id, "address": self.address, "online": self.online(now),
             "slots": self.slots, "running": self.running, "last_seen": self.last_seen,
             "hostname": self.hostname, "version": self.version, "tls": self.tls,
-            "heartbeat": self.heartbeat,
+            "heartbeat": self.heartbeat, "labels": self.labels,
         })
 
 
@@ -1628,8 +1705,8 @@ class Scheduler(_Role):
     """The cluster's front door: a registry of workers and a router for their jobs.
 
     Library use: ``Scheduler(listen="127.0.0.1:0")``, then start_serving() (or ``with``),
-    ``address``, close(). RPCs: register, deregister, heartbeat, start, stop, query, output,
-    jobs, workers, info; JSON routes POST /start /stop /query, GET /workers /jobs.
+    ``address``, close(). RPCs: register, deregister, heartbeat, start, start_all, stop, query,
+    output, jobs, workers, info; JSON routes POST /start /start_all /stop /query, GET /workers /jobs.
     It keeps no database: after a restart workers register again and jobs it does not know are
     asked of the online workers in parallel."""
 
@@ -1649,12 +1726,14 @@ class Scheduler(_Role):
         self.server = RPCServer(listen, self.security, {
             "register": self.register, "deregister": self.deregister,
             "heartbeat": self.heartbeat, "start": self.start, "stop": self.stop,
+            "start_all": self.start_all,
             "query": functools.partial(self.query, relay=True),
             "output": functools.partial(self.output, relay=True),
             "jobs": self.jobs,
             "workers": self.workers, "info": self.info,
         }, json_routes={
             ("POST", "/start"): self._json_start, ("POST", "/stop"): self._json_stop,
+            ("POST", "/start_all"): self._json_start_all,
             ("POST", "/query"): self._json_query,
             ("GET", "/workers"): lambda request: (200, {"workers": self.workers()}),
             ("GET", "/jobs"): lambda request: (200, {"jobs": self.jobs()}),
@@ -1705,6 +1784,8 @@ class Scheduler(_Role):
             if key in info and isinstance(info[key], kind) and not (
                     kind is int and isinstance(info[key], bool)):
                 setattr(rec, key, info[key])
+        if "labels" in info and info["labels"] != rec.labels:  # checked by want_info_labels
+            rec.labels = info["labels"]
         rec.last_seen = time.time()
         rec.deregistered = False
 
@@ -1713,6 +1794,7 @@ class Scheduler(_Role):
         want_str(address, "address", limit=512, empty=False)
         parse_address(address)
         info = want_struct(info if info is not None else {}, "info")
+        want_info_labels(info)
         worker_id = want_str(info.get("worker_id") or str(uuid.uuid4()), "worker_id", limit=256)
         with self.workers_lock:
             rec = self._workers.get(worker_id) or WorkerRecord(worker_id)
@@ -1741,6 +1823,7 @@ class Scheduler(_Role):
         """A worker's periodic sign of life; fault 1 "unknown worker" asks it to register again."""
         want_str(worker_id, "worker_id", limit=256)
         info = want_struct(info if info is not None else {}, "info")
+        want_info_labels(info)
         with self.workers_lock:
             rec = self._workers.get(worker_id)
             if rec is None or rec.deregistered:
@@ -1785,8 +1868,9 @@ class Scheduler(_Role):
 
     # -- routing -------------------------------------------------------------------------------
 
-    def _pick_worker(self, tried):
-        """The untried online worker with the most free slots, ties taken round-robin.
+    def _pick_worker(self, tried, accept=None):
+        """The untried online worker with the most free slots, ties taken round-robin; with
+        ``accept``, only a worker for which accept(rec) is true (called under workers_lock).
 
         Free slots are as of the last heartbeat plus the starts since; a worker that looks full
         is still tried last, since only the worker itself knows (it refuses with fault 3)."""
@@ -1799,7 +1883,7 @@ class Scheduler(_Role):
             for rec in records[first:] + records[:first]:
                 free = rec.slots - rec.running
                 if (best_free is None or free > best_free) and rec.worker_id not in tried \
-                        and rec.online(now):
+                        and rec.online(now) and (accept is None or accept(rec)):
                     best, best_free = rec, free
             if best is not None:
                 best.running += 1  # until its next heartbeat tells the truth
@@ -1810,18 +1894,20 @@ class Scheduler(_Role):
         want_str(worker_id, "worker_id", limit=256)
         want_str(command, "command", empty=False)
         want_str(path, "path")
+        options, on = split_on(options)
         if options is not None:
             parse_job_options(options)  # refuse bad input here, not as a failure to forward it
         params = (command, path) + ((options,) if options is not None else ())
         if worker_id:
             rec = self._online_worker(self._worker(worker_id))
+            self._check_on(rec, on)
             job_id = rec.client.call("start", *params)
             with self.workers_lock:
                 rec.running += 1
         else:
-            tried = set()
+            tried, accept = set(), self._acceptor(on)
             while True:
-                rec = self._pick_worker(tried)
+                rec = self._pick_worker(tried, accept)
                 if rec is None:
                     raise Unavailable("no worker has a free slot")
                 try:
@@ -1924,6 +2010,101 @@ class Scheduler(_Role):
                          for job in jobs])
         return jobs
 
+    # -- placement by labels, fan-out ----------------------------------------------------------
+
+    def _matching_online(self, on):
+        """The online workers whose labels match on, in registration order; fault 3 if none."""
+        now = time.time()
+        with self.workers_lock:
+            records = [rec for rec in self._workers.values()
+                       if rec.online(now) and labels_match(rec.labels, on)]
+        if not records:
+            raise Unavailable("no online worker matches %s" % format_labels(on) if on
+                              else "no worker is online")
+        return records
+
+    def _acceptor(self, on):
+        """_pick_worker's filter for a job's ``on``: None without one; fault 3 if none matches."""
+        if not on:
+            return None
+        self._matching_online(on)
+        return lambda rec: labels_match(rec.labels, on)
+
+    def _check_on(self, rec, on):
+        with self.workers_lock:
+            labels = rec.labels
+        if not labels_match(labels, on):
+            raise Unavailable("worker %s does not match %s (its labels: %s)"
+                              % (rec.worker_id, format_labels(on), format_labels(labels)))
+
+    def start_all(self, command, path, options=None):
+        """Start the job at once on every online worker that matches ``options.on`` (every online
+        worker without it), in parallel, each with its own job_id.
+
+        Answers one struct per worker, in registration order: ``worker_id``, ``hostname`` and
+        ``job_id`` (started) or ``error`` (refused: nothing started), or both when the worker did
+        not answer (the outcome is unknown: query job_id). Fault 3 if no online worker matches."""
+        want_str(command, "command", empty=False)
+        want_str(path, "path")
+        options, on = split_on(options)
+        options = options if options is not None else {}
+        if parse_job_options(options)["job_id"] is not None:
+            raise BadRequest("start_all makes a job_id for each worker: options.job_id is refused")
+        records = self._matching_online(on)
+        with self.workers_lock:
+            hostnames = [rec.hostname for rec in records]
+        placed = [(rec, str(uuid.uuid4())) for rec in records]
+        results = self._call_each(placed, lambda rec, job_id: rec.client.call(
+            "start", command, path, dict(options, job_id=job_id)))
+        answer, remembered, started = [], [], []
+        for (rec, job_id), hostname, result in zip(placed, hostnames, results):
+            entry = without_none({"worker_id": rec.worker_id, "hostname": hostname})
+            if isinstance(result, Unreachable):
+                entry["job_id"], entry["error"] = job_id, (
+                    "outcome unknown: job %s may have started on worker %s: %s"
+                    % (job_id, rec.worker_id, result))
+                remembered.append((job_id, rec.worker_id))
+            elif isinstance(result, JobschedError):
+                entry["error"] = str(result)
+            else:
+                entry["job_id"] = result
+                remembered.append((result, rec.worker_id))
+                started.append(rec)
+            answer.append(entry)
+        with self.workers_lock:
+            for rec in started:
+                rec.running += 1  # until its next heartbeat tells the truth
+        self._remember(*remembered)
+        log.info("start_all: %s started on %d of %d workers", _short(command), len(started),
+                 len(placed))
+        return answer
+
+    def _call_each(self, items, call):
+        """[call(*item), or the JobschedError it raised, for each item], called in parallel on at
+        most FAN_OUT_THREADS threads; each call ends within the rpc timeout."""
+        answers = queue.Queue()
+
+        def run(indexes):
+            for index in indexes:
+                try:
+                    result = call(*items[index])
+                except JobschedError as e:
+                    result = e
+                except Exception:  # a thread's target: never end without an answer
+                    log.exception("internal error in a call to a worker")
+                    result = InternalError("internal error (see the scheduler's log)")
+                answers.put((index, result))
+        threads_n = min(len(items), FAN_OUT_THREADS)
+        for first in range(threads_n):
+            # Daemon threads without Thread.start()'s wait for each to run (50 of those cost
+            # a third of a fan-out); a hung worker must not hold up the process's exit.
+            _thread.start_new_thread(run, (range(first, len(items), threads_n),))
+        results = [None] * len(items)
+        for _ in items:
+            index, result = answers.get()
+            results[index] = result
+        return results
+
     # -- JSON routes (the seed's HTTP API) -----------------------------------------------------
 
     @staticmethod
@@ -1936,12 +2117,20 @@ class Scheduler(_Role):
                 raise BadRequest("missing field %s" % name)
         return request
 
+    def _json_options(self, request, fields=()):
+        """The start options of a /start or /start_all body (``on`` included)."""
+        self._fields(request, ("command",), fields + ("path", "on") + JOB_OPTIONS)
+        return {k: request[k] for k in ("on",) + JOB_OPTIONS if request.get(k) is not None}
+
     def _json_start(self, request):
-        self._fields(request, ("command",), ("worker_id", "path") + JOB_OPTIONS)
-        options = {k: request[k] for k in JOB_OPTIONS if request.get(k) is not None}
+        options = self._json_options(request, ("worker_id",))
         job_id = self.start(request.get("worker_id") or "", request["command"],
                             request.get("path") or "", options)
         return 201, {"job_id": job_id}
+
+    def _json_start_all(self, request):
+        options = self._json_options(request)
+        return 201, {"jobs": self.start_all(request["command"], request.get("path") or "", options)}
 
     def _json_stop(self, request):
         self._fields(request, ("job_id",), ("worker_id",))
@@ -1958,13 +2147,20 @@ class Scheduler(_Role):
 
 class Client(RPCClient):
     """What programs and the command line call: one method per RPC of the scheduler and the
-    worker (start, stop, query, output, jobs, workers, info, register, deregister, heartbeat),
+    worker (start, start_all, stop, query, output, jobs, workers, info, register, deregister,
+    heartbeat),
     plus follow(). Same arguments as the RPCs; see RPCClient for addresses and errors."""
 
     # Scheduler and worker share start, stop, query, output and jobs.
     def start(self, *args):
         """Worker: start(command, path[, options]); scheduler: start(worker_id, command, path[, options])."""
         return self.call("start", *args)
+
+    def start_all(self, command, path, options=None):
+        """Scheduler: start on every matching online worker; one struct per worker."""
+        # The scheduler answers once every worker has, each within its own rpc timeout.
+        return self.call("start_all", command, path, *([options] if options is not None else []),
+                         timeout=self.timeout + 60)
 
     def stop(self, *ids):
         return self.call("stop", *ids, timeout=self.timeout + 60)
@@ -2074,7 +2270,8 @@ def cmd_worker(args):
                     state_dir=args.state_dir, slots=args.slots, stop_grace=args.stop_grace,
                     heartbeat=args.heartbeat, keep_jobs=args.keep_jobs, allow=args.allow,
                     jobs_dir=args.jobs_dir, rpc_timeout=args.rpc_timeout,
-                    max_request=args.max_request, security=_security_from_args(args))
+                    max_request=args.max_request, security=_security_from_args(args),
+                    labels=_pairs(args.label, "--label"))
     return _serve_until_signal(worker, "jobsched worker listening on %%s (worker_id %s)"
                                % worker.worker_id)
 
@@ -2093,6 +2290,8 @@ def _start_options(args):
         options["cwd"] = args.cwd
     if args.timeout is not None:
         options["timeout"] = args.timeout
+    if args.on:
+        options["on"] = _pairs(args.on, "--on")
     return options
 
 
@@ -2103,6 +2302,8 @@ def _start_from_args(client, args):
 
 
 def cmd_start(args):
+    if args.all:
+        return _start_all(args)
     print(_start_from_args(_client_from_args(args), args))
     return 0
 
@@ -2130,6 +2331,8 @@ def job_exit_status(job):
 
 
 def cmd_run(args):
+    if args.all or args.gather or args.no_prefix:
+        return _run_all(args)
     client = _client_from_args(args)
     job_id = _start_from_args(client, args)
     position, interrupted = {"offset": 0}, False
@@ -2144,6 +2347,176 @@ def cmd_run(args):
             print("jobsched: stopping job %s" % job_id, file=sys.stderr)
             client.stop(job_id)
     return job_exit_status(client.query(job_id))
+
+
+def _pairs(items, option):
+    """KEY=VALUE arguments (--label, --on) as a dict; ConfigError (exit 2) for a bad one."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError("%s %s is not KEY=VALUE" % (option, _short(item)))
+        pairs[key] = value
+    try:
+        return want_labels(pairs, option)
+    except BadRequest as e:
+        raise ConfigError(str(e))
+
+
+# -- fan-out: start --all, run --all ------------------------------------------------------------
+
+def _start_all_from_args(client, args):
+    if args.worker:
+        raise ConfigError("--all runs on every matching worker: leave out --worker")
+    if not args.command:
+        raise ConfigError("no command given: jobsched %s --all [options] -- COMMAND [ARG...]"
+                          % args.cmd)
+    return client.start_all(args.command[0], args.path, _start_options(args))
+
+
+def _fan_out_names(entries):
+    """How fan-out output names each worker: its hostname, or HOST/ID (the first 8 characters
+    of its worker id) when another of these workers has the same hostname."""
+    hosts = [entry.get("hostname") or entry["worker_id"][:8] for entry in entries]
+    count = {}
+    for host in hosts:
+        count[host] = count.get(host, 0) + 1
+    return [host if count[host] == 1 else "%s/%s" % (host, entry["worker_id"][:8])
+            for host, entry in zip(hosts, entries)]
+
+
+def _start_all(args):
+    """start --all: JOB_ID WORKER_ID HOSTNAME per started job, a line on stderr per refusal."""
+    entries = _start_all_from_args(_client_from_args(args), args)
+    for name, entry in zip(_fan_out_names(entries), entries):
+        if "error" in entry:
+            print("jobsched: %s: %s" % (name, entry["error"]), file=sys.stderr)
+        else:
+            print("%s %s %s" % (entry["job_id"], entry["worker_id"], entry.get("hostname", "")))
+    return 1 if any("error" in entry for entry in entries) else 0
+
+
+class _FanOutJob:
+    """One worker's part of `run --all`. follow() is its thread's target: it hands on the job's
+    output in whole lines, then records how the job ended: ``status`` (as a shell reports it;
+    1 if the worker refused, 255 if the outcome is unknown) and ``reason`` unless it succeeded."""
+
+    def __init__(self, name, entry):
+        self.name, self.job_id = name, entry.get("job_id")
+        self.status = self.reason = self.thread = None
+        self.output = []  # --gather: the output, kept until every job has ended
+        if "error" in entry:  # refused, or with a job_id: the worker did not answer
+            self.status, self.reason = 255 if self.job_id else 1, entry["error"]
+
+    def follow(self, client, emit, stdout_closed):
+        data, offset = b"", 0
+        try:
+            while True:
+                reply = client.output(self.job_id, offset, MAX_OUTPUT_CHUNK, 10)
+                offset, data = reply["offset"], data + reply["data"]
+                # Whole lines only, so that hosts never mix within a line; a line longer
+                # than a chunk goes as it is.
+                end = data.rfind(b"\n") + 1 if len(data) < MAX_OUTPUT_CHUNK else len(data)
+                if end:
+                    emit(self, data[:end])
+                    data = data[end:]
+                if reply["eof"]:
+                    break
+            if data:
+                emit(self, data)
+            job = client.query(self.job_id)
+        except BrokenPipeError:
+            stdout_closed.set()
+            return
+        except Exception as e:  # a thread's target: the reason goes to the user, not lost
+            self.status = 255
+            self.reason = "outcome unknown: %s (jobsched.py query %s)" % (e, self.job_id)
+            return
+        self.status = job_exit_status(job)
+        if job["state"] != "succeeded":
+            self.reason = job.get("error_text") or job["state"]
+
+
+def _stop_fan_out(client, jobs):
+    """Stop every job in parallel; returns the threads doing it."""
+    def stop(job):
+        try:
+            client.stop(job.job_id)
+        except JobschedError as e:
+            print("jobsched: %s: cannot stop job %s: %s" % (job.name, job.job_id, e), file=sys.stderr)
+    threads = [threading.Thread(target=stop, args=(job,), daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _await_fan_out(client, jobs, stdout_closed):
+    """Wait for every follower. The first Ctrl-C, or a closed stdout, stops every job; a second
+    Ctrl-C exits at once."""
+    stoppers = None
+    while True:
+        try:
+            if stdout_closed.is_set() and stoppers is None:
+                stoppers = _stop_fan_out(client, jobs)
+            alive = [job.thread for job in jobs if job.thread and job.thread.is_alive()]
+            if not alive:
+                break
+            alive[0].join(0.1)
+        except KeyboardInterrupt:
+            if stoppers is not None:
+                raise
+            print("jobsched: stopping %d jobs" % len(jobs), file=sys.stderr)
+            stoppers = _stop_fan_out(client, jobs)
+    if stdout_closed.is_set() and stoppers is None:
+        stoppers = _stop_fan_out(client, jobs)
+    for thread in stoppers or ():
+        thread.join()
+
+
+def _run_all(args):
+    """run --all: the job on every matching worker at once, each output line as it comes (or
+    grouped, --gather), one line on stderr per job that did not succeed; the highest status."""
+    if not args.all:
+        raise ConfigError("--gather and --no-prefix go with --all")
+    client = _client_from_args(args)
+    entries = _start_all_from_args(client, args)
+    jobs = [_FanOutJob(name, entry) for name, entry in zip(_fan_out_names(entries), entries)]
+    client.max_idle = len(jobs)  # each follower keeps its connection from one call to the next
+    out, stdout_closed = sys.stdout.buffer, threading.Event()
+    out_lock = threading.Lock()
+    #: guards writes to out: a line is written whole, never mixed with another host's
+
+    def emit(job, data):
+        if args.gather:
+            job.output.append(data if data.endswith(b"\n") else data + b"\n")
+            return
+        prefix = b"" if args.no_prefix else job.name.encode("utf-8", "replace") + b": "
+        lines = data[:-1].split(b"\n") if data.endswith(b"\n") else data.split(b"\n")
+        text = b"".join(prefix + line + b"\n" for line in lines)
+        with out_lock:
+            out.write(text)
+            out.flush()
+    for job in jobs:
+        if job.status is None:
+            job.thread = threading.Thread(target=job.follow, args=(client, emit, stdout_closed),
+                                          name="jobsched-follow", daemon=True)
+            job.thread.start()
+    _await_fan_out(client, [job for job in jobs if job.job_id], stdout_closed)
+    if stdout_closed.is_set():
+        return 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
+    if args.gather:
+        groups = {}
+        for job in jobs:
+            if job.thread is not None:
+                groups.setdefault((b"".join(job.output), job.status), []).append(job.name)
+        for (output, status), names in sorted(groups.items(), key=lambda group: sorted(group[1])):
+            out.write(("---- %s (exit %d) ----\n" % (",".join(sorted(names)), status)).encode(
+                "utf-8", "replace") + output)
+        out.flush()
+    for job in sorted(jobs, key=lambda job: job.name):
+        if job.reason:
+            print("jobsched: %s: %s" % (job.name, job.reason), file=sys.stderr)
+    return max(job.status for job in jobs)
 
 
 def cmd_stop(args):
@@ -2198,11 +2571,14 @@ def _print_workers(workers, as_json):
         ("worker_id", lambda w: w["worker_id"]), ("address", lambda w: w["address"]),
         ("online", lambda w: "yes" if w["online"] else "no"), ("slots", lambda w: w["slots"]),
         ("running", lambda w: w["running"]), ("hostname", lambda w: w.get("hostname", "")),
+        ("labels", lambda w: format_labels(w.get("labels", {}))),
     ], as_json, "workers")
 
 
 def cmd_workers(args):
-    _print_workers(_client_from_args(args).workers(), args.json)
+    on = _pairs(args.on, "--on")
+    workers = _client_from_args(args).workers()
+    _print_workers([w for w in workers if labels_match(w.get("labels", {}), on)], args.json)
     return 0
 
 
@@ -2311,6 +2687,9 @@ def build_parser():
                      help="only these commands may be started (repeatable; matched on the resolved path)")
     sub.add_argument("--jobs-dir", metavar="DIR",
                      help="resolve 'path' inside DIR and refuse anything that escapes it")
+    sub.add_argument("--label", metavar="KEY=VALUE", action="append", default=[],
+                     help="a label jobs can ask for with --on (repeatable); host, os and arch "
+                          "are built in")
 
     def job_options(sub):
         sub.add_argument("--worker", metavar="ID", default="", help="worker to run on (default: the one with most free slots)")
@@ -2318,10 +2697,22 @@ def build_parser():
         sub.add_argument("--cwd", metavar="DIR", help="working directory of the job")
         sub.add_argument("--env", metavar="K=V", action="append", default=[], help="add to the job's environment (repeatable)")
         sub.add_argument("--timeout", metavar="SECONDS", type=_positive(float), help="stop the job after this long")
+        sub.add_argument("--on", metavar="KEY=VALUE", action="append", default=[],
+                         help="only on a worker with this label; VALUE * asks only for the key (repeatable)")
         sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
     job_options(command("start", "start a job and print its id", cmd_start))
     job_options(command("run", "start a job, stream its output, exit with its exit code", cmd_run))
+    for name in ("start", "run"):
+        commands.choices[name].add_argument(
+            "--all", action="store_true",
+            help="start the job on every online worker that matches --on, each with its own id")
+    sub = commands.choices["run"]
+    sub.add_argument("--no-prefix", action="store_true",
+                     help="with --all: print output lines without the 'HOST: ' prefix")
+    sub.add_argument("--gather", action="store_true",
+                     help="with --all: once all have ended, print each distinct output once, "
+                          "under the hosts that printed it")
     sub = command("stop", "stop a job (TERM, then KILL after the grace period)", cmd_stop)
     sub.add_argument("job_id")
     sub = command("query", "show a job's state", cmd_query)
@@ -2335,6 +2726,8 @@ def build_parser():
     sub.add_argument("--json", action="store_true", help="print JSON")
     sub = command("workers", "list the workers", cmd_workers)
     sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_argument("--on", metavar="KEY=VALUE", action="append", default=[],
+                     help="only the workers with this label; VALUE * asks only for the key (repeatable)")
     command("demo", "start a scheduler and two workers on loopback, run jobs, clean up", cmd_demo, ())
     return parser
 
