@@ -2609,6 +2609,24 @@ class FanOutTest(ClusterTestCase):
         self.assertEqual((refused_status, refused_out), (1, ""))
         self.assertEqual(refused_err, "jobsched: %s: " % socket.gethostname() + refused.split(": ", 1)[1])
 
+    def test_a_worker_that_does_not_answer_has_an_unknown_outcome(self):
+        scheduler, workers, client = self.labelled_cluster()
+        closed = socket.socket()  # bound, never listening: the call cannot tell if it started
+        self.addCleanup(closed.close)
+        closed.bind(("127.0.0.1", 0))
+        ghost = client.register("127.0.0.1:%d" % closed.getsockname()[1],
+                                {"hostname": "ghost", "labels": {"rack": "gone"}})
+        (entry,) = client.start_all("true", "", {"on": {"rack": "gone"}})
+        self.assertEqual((entry["worker_id"], entry["hostname"]), (ghost, "ghost"))
+        self.assertIn("outcome unknown: job %s may have started on worker %s" % (entry["job_id"], ghost),
+                      entry["error"])
+        self.assertEqual(scheduler._job_index[entry["job_id"]], ghost)
+        status, out, err = self.run_all_at_once(("--on", "rack=*", "--path", "out.sh", "--", "sh"))[0]
+        self.assertEqual(status, 255, err)
+        self.assertEqual(len(out.splitlines()), 6)
+        self.assertRegex(err, r"(?m)^jobsched: ghost: outcome unknown: job [-0-9a-f]{36} may have "
+                              r"started on worker %s: cannot reach " % ghost)
+
     def test_bad_fan_out_command_lines_exit_2_and_start_nothing(self):
         scheduler, workers, client = self.labelled_cluster()
         cases = [("run", "--gather", "--", "true"), ("start", "--all"),

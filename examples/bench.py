@@ -5,6 +5,7 @@
     python3 examples/bench.py --quick    # smaller counts, every figure, under 30 s
     python3 examples/bench.py --json     # one JSON object; ``figures`` maps names to numbers
     python3 examples/bench.py --dir DIR  # put the workers' state dirs in DIR
+    python3 examples/bench.py --fan-out-only  # only start_all / run --all across 50 workers
 
 It starts a scheduler and two workers on loopback (port 0) as subprocesses, as deployed, measures
 the floors in the same run (a job-like ``Popen``, a stdlib XML-RPC round trip on a kept-alive and
@@ -48,10 +49,12 @@ GO_SEED = {"start_seq_p50_ms": "1.6-1.8", "start_seq_per_s": "520-600",
 
 FULL = {"floor": 1000, "seq": 1000, "threads_n": 4000, "query": 2000, "follow_lines": 200,
         "follow_cpu_seconds": 10.0, "logs_bytes": 100 * MiB, "sleep_jobs": 1000,
-        "known_jobs": 100000, "sim_workers": 1000, "scale_n": 1000, "tls_n": 1000}
+        "known_jobs": 100000, "sim_workers": 1000, "scale_n": 1000, "tls_n": 1000,
+        "fan_out_workers": 50, "start_all_n": 40, "run_all_n": 15}
 QUICK = {"floor": 200, "seq": 300, "threads_n": 600, "query": 300, "follow_lines": 40,
          "follow_cpu_seconds": 2.0, "logs_bytes": 40 * MiB, "sleep_jobs": 1000,
-         "known_jobs": 20000, "sim_workers": 1000, "scale_n": 250, "tls_n": 200}
+         "known_jobs": 20000, "sim_workers": 1000, "scale_n": 250, "tls_n": 200,
+        "fan_out_workers": 50, "start_all_n": 10, "run_all_n": 5}
 
 FIGURES = (
     "floor_popen_launch_p50_ms", "floor_rtt_keepalive_p50_ms", "floor_rtt_new_conn_p50_ms",
@@ -60,6 +63,7 @@ FIGURES = (
     "follow_latency_p50_ms", "follow_latency_p99_ms", "follower_cpu_percent", "logs_mb_per_s",
     "worker_rss_mb_1000_jobs", "scheduler_rss_mb_1000_workers", "start_p99_ms_idle",
     "start_p99_ms_1000_heartbeating", "tls_start_p50_ms", "tls_query_p50_ms",
+    "start_all_50_workers_ms", "run_all_50_workers_ms",
 )
 
 # A job that prints its clock every 50 ms after a pause (so the follower is ready by then).
@@ -683,7 +687,73 @@ def run(counts, res):
     extras["heartbeat_failures_logged"] = res.log_tail(beater).count("heartbeat failed")
     res.stop(beater)
     client.close()
+    more_figures, more_extras = fan_out(res, counts)
+    figures.update(more_figures)
+    extras.update(more_extras)
     return figures, extras
+
+
+def fan_out(res, counts):
+    """start_all (the RPC) and `jobsched.py run --all -- true` (the whole command) across
+    counts["fan_out_workers"] worker processes with a scheduler of their own."""
+    figures, extras = {}, {}
+    py = [sys.executable, JOBSCHED]
+    n = counts["fan_out_workers"]
+    note("fan-out: a scheduler and %d worker processes" % n)
+    _, address, _ = res.role(py + ["scheduler", "--listen", "127.0.0.1:0"], "fan-scheduler")
+    procs = [res.spawn(py + ["worker", "--listen", "127.0.0.1:0", "--scheduler", address,
+                             "--slots", "8", "--state-dir", res.path("fan-%02d" % i),
+                             "--heartbeat", "2", "--label", "rack=r%d" % (i % 4)],
+                       "fan-worker-%02d" % i) for i in range(n)]
+    for proc in procs:  # started all at once: 2 cores import n Pythons in a few seconds
+        if "listening on" not in res.read_line(proc, timeout=120):
+            raise RuntimeError("%s did not start:\n%s" % (proc.bench_name, res.log_tail(proc)))
+    client = jobsched.Client(address, timeout=60)
+    try:
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == n, 60,
+                   "%d workers to register" % n)
+        extras["fan_out_workers"] = n
+
+        def start_all():
+            answer = client.start_all("true", "")
+            if len(answer) != n or any("error" in entry for entry in answer):
+                raise RuntimeError("start_all did not start on every worker: %s" % answer[:3])
+            return answer
+        for entry in start_all():  # every scheduler -> worker connection is open from here on
+            wait_done(client, entry["job_id"])
+        samples = []
+        for _ in range(counts["start_all_n"]):
+            samples.extend(timed_calls(1, start_all))
+            time.sleep(0.2)  # the 50 `true` jobs end: each round starts on idle workers
+        figures["start_all_50_workers_ms"] = ms(percentile(samples, 0.5))
+        extras["start_all_50_workers_max_ms"] = ms(max(samples))
+
+        def run_all():
+            subprocess.run(py + ["run", "--all", "--scheduler", address, "--", "true"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=120,
+                           check=True)
+        samples = []
+        for _ in range(counts["run_all_n"]):
+            samples.extend(timed_calls(1, run_all))
+            time.sleep(0.2)
+        figures["run_all_50_workers_ms"] = ms(percentile(samples, 0.5))
+        extras["run_all_50_workers_max_ms"] = ms(max(samples))
+        extras["fan_out_worker_rss_mb"] = round(rss_mb(procs[0].pid), 1)
+    finally:
+        client.close()
+        for proc in procs:  # all at once: each takes a moment to deregister and exit
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            res.stop(proc)
+    return figures, extras
+
+
+def fan_out_targets(f):
+    return [
+        ("start_all_50_workers_ms", "", None, "<= 100", f["start_all_50_workers_ms"] <= 100),
+        ("run_all_50_workers_ms", "python start-up included", None, "<= 1000",
+         f["run_all_50_workers_ms"] <= 1000),
+    ]
 
 
 def targets(f, e):
@@ -731,7 +801,7 @@ def targets(f, e):
         ("tls_query_p50_ms", "plain %.3f" % e["plain_query_p50_ms_beside_tls"],
          ratio(f["tls_query_p50_ms"], e["plain_query_p50_ms_beside_tls"]), "<= 1.2x plain",
          f["tls_query_p50_ms"] <= 1.2 * e["plain_query_p50_ms_beside_tls"]),
-    ]
+    ] + fan_out_targets(f)
     return rows
 
 
@@ -755,6 +825,8 @@ def main(argv=None):
                         help="where the workers' state dirs go (default: a temp dir beside the "
                              "workers' default state dir, %s)"
                              % os.path.dirname(jobsched.default_state_dir()))
+    parser.add_argument("--fan-out-only", action="store_true",
+                        help="measure only start_all_50_workers_ms and run_all_50_workers_ms")
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--follower", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--heartbeater", nargs=4, help=argparse.SUPPRESS)
@@ -775,19 +847,20 @@ def main(argv=None):
     res = Resources(args.dir)
     began = time.monotonic()
     try:
-        figures, extras = run(counts, res)
+        figures, extras = fan_out(res, counts) if args.fan_out_only else run(counts, res)
     except KeyboardInterrupt:
         note("interrupted; cleaning up")
         return 130
     finally:
         res.close()
     extras["bench_seconds"] = round(time.monotonic() - began, 1)
-    rows = targets(figures, extras)
+    rows = fan_out_targets(figures) if args.fan_out_only else targets(figures, extras)
     meta = {"python": platform.python_version(), "cores": os.cpu_count(),
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
             "quick": args.quick, "counts": counts, "state_dirs_in": os.path.dirname(res.root)}
     if args.json:
-        print(json.dumps({"figures": {name: figures[name] for name in FIGURES}, "extras": extras,
+        print(json.dumps({"figures": {name: figures[name] for name in FIGURES if name in figures},
+                          "extras": extras,
                           "targets": {name: met for name, _, _, _, met in rows if met is not None},
                           "go_seed": GO_SEED, "meta": meta}, indent=2, sort_keys=True))
     else:
