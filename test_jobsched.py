@@ -2342,6 +2342,94 @@ class IdempotentStartTest(ClusterTestCase):
         self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
 
 
+class SpawnPathTests:
+    """The same guarantees whichever way a job is spawned (subclasses set spawn_method)."""
+    spawn_method = None
+
+    def setUp(self):
+        self.w = self.worker(None, spawn_method=self.spawn_method, slots=8)
+        self.assertEqual(self.w.spawner.method, self.spawn_method)
+        self.c = self.client(self.w)
+
+    def run_job(self, command, options=None, path=""):
+        job = self.wait_done(self.c, self.c.start(command, path, options or {}))
+        return job, self.c.output(job["job_id"])["data"].decode()
+
+    def test_session_stdin_output_env_cwd(self):
+        cwd = os.path.realpath(self.tempdir())
+        script = ('import os, sys; print(os.getsid(0) == os.getpid() == os.getpgid(0), '
+                  'sys.stdin.read() == "", os.environ.get("SPAWN_T"), os.getcwd(), flush=True); '
+                  'sys.stderr.write("err\\n")')
+        job, out = self.run_job(sys.executable, dict(py_args("import subprocess, sys; sys.exit("
+                                "subprocess.call([sys.executable, '-c', %r]))" % script),
+                                env={"SPAWN_T": "v 1"}, cwd=cwd))
+        self.assertEqual(job["state"], "succeeded", out)
+        self.assertEqual(out, "False True v 1 %s\nerr\n" % cwd)  # the grandchild shares the session
+        job, out = self.run_job(sys.executable, dict(py_args(script), cwd=cwd))
+        self.assertEqual(out, "True True None %s\nerr\n" % cwd)
+
+    def test_sigpipe_is_default_in_the_job(self):
+        job, out = self.run_job("sh", sh_args("yes | head -1"))
+        self.assertEqual((job["state"], out), ("succeeded", "y\n"))
+        job, out = self.run_job("sh", sh_args("trap"))
+        self.assertEqual(out, "")  # no signal ignored
+
+    def test_no_worker_fd_reaches_the_job(self):
+        job, out = self.run_job("sh", sh_args("ls /proc/$$/fd"))
+        if not os.path.isdir("/proc/self/fd"):
+            self.skipTest("no /proc")
+        self.assertEqual(sorted(out.split()), ["0", "1", "2"])
+
+    def test_exit_status_and_signal(self):
+        job, _ = self.run_job("sh", sh_args("exit 7"))
+        self.assertEqual((job["state"], job["exit_code"]), ("failed", 7))
+        job, _ = self.run_job("sh", sh_args("kill -TERM $$"))
+        self.assertEqual((job["state"], job["signal"]), ("failed", 15))
+
+    def test_errors_as_before(self):
+        for command, options, text in (
+                ("jobsched-no-such-command", {}, "No such file or directory"),
+                ("sh", dict(sh_args("true"), cwd="/nonexistent/jobsched-dir"),
+                 "/nonexistent/jobsched-dir"), ("/etc/passwd", {}, "Permission denied")):
+            with self.assertRaises(jobsched.BadRequest) as caught:
+                self.c.start(command, "", options)
+            self.assertIn(text, str(caught.exception))
+            self.assertIn(command, str(caught.exception))
+        self.assertEqual(self.c.jobs(), [])
+        self.assertEqual(self.w.info()["running"], 0)
+
+    def test_path_searched_in_the_jobs_env(self):
+        bindir = self.tempdir()
+        tool = os.path.join(bindir, "jobsched-spawn-tool")
+        with open(tool, "w") as f:
+            f.write("#!/bin/sh\necho tool \"$@\"\n")
+        os.chmod(tool, 0o755)
+        job, out = self.run_job("jobsched-spawn-tool", {"args": ["a"],
+                                "env": {"PATH": bindir + os.pathsep + os.environ.get("PATH", "")}})
+        self.assertEqual((job["state"], out), ("succeeded", "tool a\n"))
+
+    def test_allow_runs_the_checked_file(self):
+        worker = self.worker(None, spawn_method=self.spawn_method, allow=["echo"])
+        client = self.client(worker)
+        bindir = self.tempdir()
+        fake = os.path.join(bindir, "echo")
+        with open(fake, "w") as f:
+            f.write("#!/bin/sh\necho fake\n")
+        os.chmod(fake, 0o755)
+        cwd_job = client.start("echo", "", {"args": ["real"], "cwd": bindir})
+        self.assertEqual(client.output(self.wait_done(client, cwd_job)["job_id"])["data"], b"real\n")
+
+
+class PopenSpawnTest(SpawnPathTests, ClusterTestCase):
+    spawn_method = "popen"
+
+
+@unittest.skipUnless(jobsched.Spawner().method == "posix_spawn",
+                     "posix_spawn through ctypes needs Linux with glibc 2.26 or newer")
+class PosixSpawnTest(SpawnPathTests, ClusterTestCase):
+    spawn_method = "posix_spawn"
+
+
 class LabelsTest(ClusterTestCase):
     """Worker labels and a job's ``on``: three workers with different labels."""
 
@@ -2608,6 +2696,22 @@ class FanOutTest(ClusterTestCase):
             self.assertEqual(self.wait_done(client, job_id)["worker_id"], worker_id)
         self.assertEqual((refused_status, refused_out), (1, ""))
         self.assertEqual(refused_err, "jobsched: %s: " % socket.gethostname() + refused.split(": ", 1)[1])
+
+    def test_closed_stdout_stops_every_job(self):
+        scheduler, workers, client = self.labelled_cluster()
+        marker = uuid.uuid4().hex
+        proc = popen_jobsched(self, ("run", "--all", "--", "sh", "-c",
+                                     "while :; do echo tick; sleep 0.05; done", marker),
+                              env=dict(os.environ, **self.env))
+        read_until(proc, b"tick\n")
+        proc.stdout.close()  # as `run --all ... | head -1` does
+        self.assertEqual(proc.wait(timeout=30), 141)
+        err = proc.stderr.read()
+        self.assertNotIn(b"Traceback", err)
+        self.assertNotIn(b"Exception", err)
+        jobs = [j for j in client.jobs() if marker in j["args"]]
+        self.assertEqual(len(jobs), 3)
+        self.assertEqual({j["state"] for j in jobs}, {"stopped"})
 
     def test_a_worker_that_does_not_answer_has_an_unknown_outcome(self):
         scheduler, workers, client = self.labelled_cluster()

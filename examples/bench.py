@@ -5,6 +5,10 @@
     python3 examples/bench.py --quick    # smaller counts, every figure, under 30 s
     python3 examples/bench.py --json     # one JSON object; ``figures`` maps names to numbers
     python3 examples/bench.py --dir DIR  # put the workers' state dirs in DIR
+    python3 examples/bench.py --python PATH  # run the scheduler and workers under PATH
+    python3 examples/bench.py --compare-python PATH [--compare-python PATH2 ...]
+                                         # also: start p50 and 8-thread starts of each
+                                         # interpreter, in interleaved rounds, with ratios
     python3 examples/bench.py --fan-out-only  # only start_all / run --all across 50 workers
 
 It starts a scheduler and two workers on loopback (port 0) as subprocesses, as deployed, measures
@@ -558,9 +562,47 @@ def interleaved(n, block, *calls):
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def run(counts, res):
+def python_version(python):
+    return subprocess.check_output([python, "-c", "import platform; print(platform.python_version())"],
+                                   stdin=subprocess.DEVNULL).decode().strip()
+
+
+def compare_pythons(res, pythons, counts, rounds=9):
+    """Start p50 and 8-thread starts/s of a scheduler and a worker run under each interpreter,
+    measured in interleaved rounds (the same client, the same moment), medians of the rounds."""
+    clusters = []
+    for python in pythons:
+        version = python_version(python)
+        name = "py" + version.replace(".", "_")
+        proc, address, _ = res.role([python, JOBSCHED, "scheduler", "--listen", "127.0.0.1:0"],
+                                    name + "-scheduler")
+        res.role([python, JOBSCHED, "worker", "--listen", "127.0.0.1:0", "--scheduler", address,
+                  "--slots", "2000", "--state-dir", res.path(name + "-worker"), "--heartbeat", "2"],
+                 name + "-worker")
+        client = jobsched.Client(address, timeout=60)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 1, 30,
+                   "the %s worker to register" % version)
+        client.start("", "true", "")
+        clusters.append((version, address, client, {"p50": [], "rate": []}))
+    per_round = max(50, counts["seq"] // rounds)
+    for round_number in range(rounds):
+        note("interpreters: round %d of %d" % (round_number + 1, rounds))
+        for version, address, client, samples in clusters:
+            _, latencies, _ = sequential_starts(client, per_round)
+            samples["p50"].append(percentile(latencies, 0.5))
+            wall, _, _ = threaded_starts(address, per_round * 2, 8)
+            samples["rate"].append(per_round * 2 / wall)
+    results = {}
+    for version, _, client, samples in clusters:
+        client.close()
+        results[version] = {"start_p50_ms": ms(percentile(samples["p50"], 0.5)),
+                            "start_8threads_per_s": round(percentile(samples["rate"], 0.5), 1)}
+    return results
+
+
+def run(counts, res, python=sys.executable):
     figures, extras = {}, {}
-    py = [sys.executable, JOBSCHED]
+    py = [python, JOBSCHED]
 
     note("starting scheduler, two workers and the floor server")
     sched_proc, address, _ = res.role(py + ["scheduler", "--listen", "127.0.0.1:0"], "scheduler")
@@ -687,17 +729,17 @@ def run(counts, res):
     extras["heartbeat_failures_logged"] = res.log_tail(beater).count("heartbeat failed")
     res.stop(beater)
     client.close()
-    more_figures, more_extras = fan_out(res, counts)
+    more_figures, more_extras = fan_out(res, counts, python)
     figures.update(more_figures)
     extras.update(more_extras)
     return figures, extras
 
 
-def fan_out(res, counts):
+def fan_out(res, counts, python=sys.executable):
     """start_all (the RPC) and `jobsched.py run --all -- true` (the whole command) across
     counts["fan_out_workers"] worker processes with a scheduler of their own."""
     figures, extras = {}, {}
-    py = [sys.executable, JOBSCHED]
+    py = [python, JOBSCHED]
     n = counts["fan_out_workers"]
     note("fan-out: a scheduler and %d worker processes" % n)
     _, address, _ = res.role(py + ["scheduler", "--listen", "127.0.0.1:0"], "fan-scheduler")
@@ -827,6 +869,13 @@ def main(argv=None):
                              % os.path.dirname(jobsched.default_state_dir()))
     parser.add_argument("--fan-out-only", action="store_true",
                         help="measure only start_all_50_workers_ms and run_all_50_workers_ms")
+    parser.add_argument("--python", metavar="PATH", default=sys.executable,
+                        help="interpreter that runs the scheduler and the workers (default: this one)")
+    parser.add_argument("--compare-python", metavar="PATH", action="append", default=[],
+                        help="also measure start p50 and 8-thread starts with the roles under "
+                             "PATH, interleaved with --python's (repeatable)")
+    parser.add_argument("--only-compare", action="store_true",
+                        help="with --compare-python: measure only the interpreter comparison")
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--follower", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--heartbeater", nargs=4, help=argparse.SUPPRESS)
@@ -847,15 +896,29 @@ def main(argv=None):
     res = Resources(args.dir)
     began = time.monotonic()
     try:
-        figures, extras = fan_out(res, counts) if args.fan_out_only else run(counts, res)
+        if args.fan_out_only:
+            figures, extras = fan_out(res, counts, args.python)
+        else:
+            figures, extras = ({}, {}) if args.only_compare else run(counts, res, args.python)
+        if args.compare_python:
+            comparison = compare_pythons(res, [args.python] + args.compare_python, counts)
+            base = comparison[python_version(args.python)]
+            for version, result in sorted(comparison.items()):
+                result["start_p50_ratio"] = round(result["start_p50_ms"] / base["start_p50_ms"], 2)
+                result["start_8threads_ratio"] = round(
+                    result["start_8threads_per_s"] / base["start_8threads_per_s"], 2)
+            extras["interpreters"] = comparison
     except KeyboardInterrupt:
         note("interrupted; cleaning up")
         return 130
     finally:
         res.close()
     extras["bench_seconds"] = round(time.monotonic() - began, 1)
-    rows = fan_out_targets(figures) if args.fan_out_only else targets(figures, extras)
-    meta = {"python": platform.python_version(), "cores": os.cpu_count(),
+    if args.fan_out_only:
+        rows = fan_out_targets(figures)
+    else:
+        rows = targets(figures, extras) if figures else []
+    meta = {"python": python_version(args.python), "cores": os.cpu_count(),
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
             "quick": args.quick, "counts": counts, "state_dirs_in": os.path.dirname(res.root)}
     if args.json:
@@ -867,6 +930,10 @@ def main(argv=None):
         print_table(figures, extras, rows, "jobsched %s bench, %s, Python %s, %d cores%s" % (
             jobsched.__version__, meta["date"], meta["python"], meta["cores"],
             " (--quick)" if args.quick else ""))
+        for version, result in sorted(extras.get("interpreters", {}).items()):
+            print("Python %-8s start p50 %.3f ms (%.2fx)  8-thread starts %.0f/s (%.2fx)" % (
+                version, result["start_p50_ms"], result["start_p50_ratio"],
+                result["start_8threads_per_s"], result["start_8threads_ratio"]))
     return 0
 
 
