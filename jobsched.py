@@ -2250,8 +2250,8 @@ class Scheduler(_Role):
                 answers.put((index, result))
         threads_n = min(len(items), FAN_OUT_THREADS)
         for first in range(threads_n):
-            # Daemon threads without Thread.start()'s wait for each to run (50 of those cost
-            # a third of a fan-out); a hung worker must not hold up the process's exit.
+            # Daemon threads, started without Thread.start()'s wait for each one to run (half
+            # the cost of starting them); a hung worker must not hold up the process's exit.
             _thread.start_new_thread(run, (range(first, len(items), threads_n),))
         results = [None] * len(items)
         for _ in items:
