@@ -761,12 +761,14 @@ def fan_out(res, counts, python=sys.executable):
             if len(answer) != n or any("error" in entry for entry in answer):
                 raise RuntimeError("start_all did not start on every worker: %s" % answer[:3])
             return answer
-        for entry in start_all():  # every scheduler -> worker connection is open from here on
-            wait_done(client, entry["job_id"])
+        for _ in range(3):  # every scheduler -> worker connection is open from here on
+            for entry in start_all():
+                wait_done(client, entry["job_id"])
+        time.sleep(2.0)  # the workers' start-up is over
         samples = []
         for _ in range(counts["start_all_n"]):
             samples.extend(timed_calls(1, start_all))
-            time.sleep(0.2)  # the 50 `true` jobs end: each round starts on idle workers
+            time.sleep(0.5)  # the 50 `true` jobs end: each round starts on idle workers
         figures["start_all_50_workers_ms"] = ms(percentile(samples, 0.5))
         extras["start_all_50_workers_max_ms"] = ms(max(samples))
 
@@ -777,10 +779,11 @@ def fan_out(res, counts, python=sys.executable):
         samples = []
         for _ in range(counts["run_all_n"]):
             samples.extend(timed_calls(1, run_all))
-            time.sleep(0.2)
+            time.sleep(0.5)
         figures["run_all_50_workers_ms"] = ms(percentile(samples, 0.5))
         extras["run_all_50_workers_max_ms"] = ms(max(samples))
         extras["fan_out_worker_rss_mb"] = round(rss_mb(procs[0].pid), 1)
+        extras["fan_out_load_average"] = round(os.getloadavg()[0], 2)  # other processes' share
     finally:
         client.close()
         for proc in procs:  # all at once: each takes a moment to deregister and exit
