@@ -33,6 +33,7 @@ import ipaddress
 import json
 import logging
 import os
+import platform
 import pyexpat
 import queue
 import random
@@ -82,6 +83,7 @@ MISSED_HEARTBEATS = 3         # a worker silent this many intervals is offline
 JOB_INDEX_LIMIT = 1000000     # job ids the scheduler remembers; older ones are asked for
 JOURNAL_LIMIT = 4 * MiB       # a worker's journal of started jobs is rewritten past this size
 EARLY_HEARTBEAT_GAP = 0.1     # the least time between a worker's heartbeats when jobs end
+FAN_OUT_THREADS = 64          # the most threads a start_all calls workers from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +333,78 @@ def parse_job_options(options):
         "timeout": want_timeout(timeout) if timeout is not None else None,
         "job_id": want_job_id(options["job_id"]) if "job_id" in options else None,
     }
+
+
+LABEL_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+MAX_LABEL_VALUE = 256
+MAX_LABELS = 100
+
+
+def want_labels(value, name):
+    """A struct of labels (a worker's) or of constraints (a job's ``on``): keys of 1 to 64
+    characters from A-Z a-z 0-9 _ . -, values printable strings of at most 256 characters."""
+    pairs = want_struct(value, name)
+    if len(pairs) > MAX_LABELS:
+        raise BadRequest("%s has more than %d pairs" % (name, MAX_LABELS))
+    for key, value in pairs.items():
+        if not isinstance(key, str) or not LABEL_KEY.match(key):
+            raise BadRequest("%s: key %s must be 1 to 64 characters from A-Z a-z 0-9 _ . -"
+                             % (name, _short(key)))
+        if not isinstance(value, str):
+            raise BadRequest("%s.%s must be a string, not %s" % (name, key, type(value).__name__))
+        if len(value) > MAX_LABEL_VALUE or not value.isprintable():
+            raise BadRequest("%s.%s must be printable and at most %d characters: %s"
+                             % (name, key, MAX_LABEL_VALUE, _short(value)))
+    return pairs
+
+
+def parse_on(value, name="on"):
+    """A job's placement constraints: {KEY: VALUE}; the value "*" asks only that the key exists."""
+    return want_labels(value, name)
+
+
+def labels_match(labels, on):
+    """True if labels satisfy every pair of on (see parse_on)."""
+    return all(key in labels and value in ("*", labels[key]) for key, value in on.items())
+
+
+def format_labels(pairs):
+    """'k=v,k=v', sorted by key: how labels and constraints are shown."""
+    return ",".join("%s=%s" % item for item in sorted(pairs.items()))
+
+
+def split_on(options):
+    """(options without "on", the checked "on" struct): the scheduler places by "on" and
+    forwards the rest; workers do not know "on"."""
+    if options is None:
+        return None, {}
+    options = want_struct(options, "options")
+    if "on" not in options:
+        return options, {}
+    options = dict(options)
+    return options, parse_on(options.pop("on"), "options.on")
+
+
+def worker_labels(extra=None):
+    """The built-in labels host, os and arch, plus extra; ConfigError for a bad pair or one that
+    would change a built-in label."""
+    labels = {"host": socket.gethostname(), "os": sys.platform, "arch": platform.machine()}
+    try:
+        extra = want_labels(extra or {}, "label")
+    except BadRequest as e:
+        raise ConfigError(str(e))
+    for key, value in sorted(extra.items()):
+        if key in labels and labels[key] != value:
+            raise ConfigError("label %s is built in (%s=%s) and cannot be changed"
+                              % (key, key, labels[key]))
+        labels[key] = value
+    return labels
+
+
+def want_info_labels(info):
+    """Check a worker's info struct's labels in place (register, heartbeat)."""
+    if "labels" in info:
+        info["labels"] = want_labels(info["labels"], "info.labels")
 
 
 def parse_address(text, default_port=None):
@@ -2093,15 +2167,17 @@ class Worker(_Role):
 
     Library use: ``Worker(listen="127.0.0.1:0", scheduler=ADDR, state_dir=DIR)``, then
     start_serving() (or ``with``), ``address``, ``worker_id``, close(). ``scheduler=None`` runs it
-    standalone. ``fatal_error`` says why it stopped heartbeating, if the scheduler refused its
-    token (it keeps serving). RPCs: start, stop, query, output, jobs, info."""
+    standalone. ``labels`` adds to the built-in labels host, os and arch (see worker_labels()).
+    ``fatal_error`` says why it stopped heartbeating, if the scheduler refused its token or its
+    registration (it keeps serving). RPCs: start, stop, query, output, jobs, info."""
 
     def __init__(self, listen=DEFAULT_WORKER, scheduler=DEFAULT_SCHEDULER, advertise=None,
                  state_dir=None, slots=None, stop_grace=5.0, heartbeat=2.0, keep_jobs=10000,
                  allow=(), jobs_dir=None, rpc_timeout=10.0, max_request=MiB, read_timeout=30.0,
                  token=None, tls_cert=None, tls_key=None, tls_ca=None, insecure=False,
-                 security=None, allow_env=(), spawn_method=None):
+                 security=None, allow_env=(), spawn_method=None, labels=None):
         self.security = security or Security(token, tls_cert, tls_key, tls_ca, insecure)
+        self.labels = worker_labels(labels)
         self.spawner = Spawner(spawn_method)
         self.slots = slots if slots is not None else (os.cpu_count() or 1)
         self.stop_grace, self.heartbeat, self.keep_jobs = stop_grace, heartbeat, keep_jobs
@@ -2254,7 +2330,7 @@ class Worker(_Role):
             "slots": self.slots, "running": running, "last_seen": time.time(),
             "hostname": socket.gethostname(), "version": __version__,
             "heartbeat": self.heartbeat, "tls": self.security.serves_tls,
-            "stop_grace": self.stop_grace,
+            "stop_grace": self.stop_grace, "labels": dict(self.labels),
         }
 
     def _heartbeat_loop(self):
@@ -2588,7 +2664,7 @@ class WorkerRecord:
     worker's state. ``last_seen`` is the wall-clock time of the same moment, for display."""
     __slots__ = ("worker_id", "address", "slots", "running", "last_seen", "seen_at", "hostname",
                  "version", "tls", "heartbeat", "stop_grace", "deregistered", "reported_offline",
-                 "client", "client_tls")
+                 "client", "client_tls", "labels")
 
     def __init__(self, worker_id):
         self.worker_id = worker_id
@@ -2596,6 +2672,7 @@ class WorkerRecord:
         self.slots, self.running, self.heartbeat, self.stop_grace = 1, 0, 0.0, 5.0
         self.last_seen, self.seen_at = time.time(), time.monotonic()
         self.tls = self.deregistered = self.reported_offline = self.client_tls = False
+        self.labels = {}  # replaced as a whole, never changed in place
 
     def online(self, now):
         """Whether the worker counts as online at time.monotonic() ``now``."""
@@ -2608,7 +2685,7 @@ class WorkerRecord:
             "worker_id": self.worker_id, "address": self.address, "online": self.online(now),
             "slots": self.slots, "running": wire_int(self.running), "last_seen": self.last_seen,
             "hostname": self.hostname, "version": self.version, "tls": self.tls,
-            "heartbeat": self.heartbeat,
+            "heartbeat": self.heartbeat, "labels": self.labels,
         })
 
 
@@ -2616,8 +2693,8 @@ class Scheduler(_Role):
     """The cluster's front door: a registry of workers and a router for their jobs.
 
     Library use: ``Scheduler(listen="127.0.0.1:0")``, then start_serving() (or ``with``),
-    ``address``, close(). RPCs: register, deregister, heartbeat, start, stop, query, output,
-    jobs, workers, info; JSON routes POST /start /stop /query, GET /workers /jobs.
+    ``address``, close(). RPCs: register, deregister, heartbeat, start, start_all, stop, query,
+    output, jobs, workers, info; JSON routes POST /start /start_all /stop /query, GET /workers /jobs.
     It keeps no database: after a restart workers register again and jobs it does not know are
     asked of the online workers in parallel."""
 
@@ -2639,12 +2716,14 @@ class Scheduler(_Role):
         self.server = RPCServer(listen, self.security, {
             "register": self.register, "deregister": self.deregister,
             "heartbeat": self.heartbeat, "start": self.start, "stop": self.stop,
+            "start_all": self.start_all,
             "query": functools.partial(self.query, relay=True),
             "output": functools.partial(self.output, relay=True),
             "jobs": self.jobs,
             "workers": self.workers, "info": self.info,
         }, json_routes={
             ("POST", "/start"): self._json_start, ("POST", "/stop"): self._json_stop,
+            ("POST", "/start_all"): self._json_start_all,
             ("POST", "/query"): self._json_query,
             ("GET", "/workers"): lambda request: (200, {"workers": self.workers()}),
             ("GET", "/jobs"): lambda request: (200, {"jobs": self.jobs()}),
@@ -2718,6 +2797,9 @@ class Scheduler(_Role):
             if not isinstance(info["tls"], bool):
                 raise BadRequest("info.tls must be a boolean")
             fields["tls"] = info["tls"]
+        if "labels" in info:
+            want_info_labels(info)
+            fields["labels"] = info["labels"]
         return info, fields
 
     @staticmethod
@@ -2859,6 +2941,7 @@ class Scheduler(_Role):
         want_str(worker_id, "worker_id", limit=256)
         want_str(command, "command", empty=False)
         want_str(path, "path")
+        options, on = split_on(options)
         options = {key: value for key, value in parse_job_options(
             options if options is not None else {}).items() if value}
         job_id = options.setdefault("job_id", str(uuid.uuid4()))
@@ -2868,12 +2951,13 @@ class Scheduler(_Role):
             raise BadRequest("job %s was placed on worker %s, not %s" % (job_id, placed, _short(worker_id)))
         if placed or worker_id:
             rec = self._online_worker(self._worker(placed or worker_id))
+            self._check_on(rec, on)
             with self.workers_lock:
                 rec.running += 1
             return self._start_on(rec, command, path, options)
-        tried, refusals = set(), []
+        tried, refusals, accept = set(), [], self._acceptor(on)
         while True:
-            rec = self._pick_worker(tried)
+            rec = self._pick_worker(tried, accept)
             if rec is None:
                 raise Unavailable(self._no_worker_took(refusals))
             try:
@@ -3041,6 +3125,94 @@ class Scheduler(_Role):
         reason and what to run. There is no queue yet; the queue fills this in."""
         return []
 
+    # -- placement by labels, fan-out ----------------------------------------------------------
+
+    def _matching_online(self, on):
+        """The online workers whose labels match on, in registration order; fault 3 if none."""
+        now = time.monotonic()
+        with self.workers_lock:
+            records = [rec for rec in self._workers.values()
+                       if rec.online(now) and labels_match(rec.labels, on)]
+        if not records:
+            raise Unavailable("no online worker matches %s" % format_labels(on) if on
+                              else "no worker is online")
+        return records
+
+    def _acceptor(self, on):
+        """_pick_worker's filter for a job's ``on``: None without one; fault 3 if none matches."""
+        if not on:
+            return None
+        self._matching_online(on)
+        return lambda rec: labels_match(rec.labels, on)
+
+    def _check_on(self, rec, on):
+        with self.workers_lock:
+            labels = rec.labels
+        if not labels_match(labels, on):
+            raise Unavailable("worker %s does not match %s (its labels: %s)"
+                              % (rec.worker_id, format_labels(on), format_labels(labels)))
+
+    def start_all(self, command, path, options=None):
+        """Start the job at once on every online worker that matches ``options.on`` (every online
+        worker without it), in parallel, each with its own job_id.
+
+        Answers one struct per worker, in registration order: ``worker_id``, ``hostname`` and
+        ``job_id`` (started) or ``error`` (refused: nothing started), or both when the worker did
+        not answer (the outcome is unknown: query job_id). Fault 3 if no online worker matches."""
+        want_str(command, "command", empty=False)
+        want_str(path, "path")
+        options, on = split_on(options)
+        options = options if options is not None else {}
+        if parse_job_options(options)["job_id"] is not None:
+            raise BadRequest("start_all makes a job_id for each worker: options.job_id is refused")
+        records = self._matching_online(on)
+        with self.workers_lock:
+            hostnames = [rec.hostname for rec in records]
+            for rec in records:
+                rec.running += 1  # held for _start_on, which gives it back if not started
+        placed = [(rec, str(uuid.uuid4())) for rec in records]
+        results = self._call_each(placed, lambda rec, job_id: self._start_on(
+            rec, command, path, dict(options, job_id=job_id)))
+        answer, started = [], 0
+        for (rec, job_id), hostname, result in zip(placed, hostnames, results):
+            entry = without_none({"worker_id": rec.worker_id, "hostname": hostname})
+            if isinstance(result, OutcomeUnknown):
+                entry["job_id"], entry["error"] = job_id, str(result)
+            elif isinstance(result, JobschedError):
+                entry["error"] = str(result)
+            else:
+                entry["job_id"] = result
+                started += 1
+            answer.append(entry)
+        log.info("start_all: %s started on %d of %d workers", _short(command), started, len(placed))
+        return answer
+
+    def _call_each(self, items, call):
+        """[call(*item), or the JobschedError it raised, for each item], called in parallel on at
+        most FAN_OUT_THREADS threads; each call ends within the rpc timeout."""
+        answers = queue.Queue()
+
+        def run(indexes):
+            for index in indexes:
+                try:
+                    result = call(*items[index])
+                except JobschedError as e:
+                    result = e
+                except Exception:  # a thread's target: never end without an answer
+                    log.exception("internal error in a call to a worker")
+                    result = InternalError("internal error (see the scheduler's log)")
+                answers.put((index, result))
+        threads_n = min(len(items), FAN_OUT_THREADS)
+        for first in range(threads_n):
+            # Daemon threads, started without Thread.start()'s wait for each one to run (half
+            # the cost of starting them); a hung worker must not hold up the process's exit.
+            _thread.start_new_thread(run, (range(first, len(items), threads_n),))
+        results = [None] * len(items)
+        for _ in items:
+            index, result = answers.get()
+            results[index] = result
+        return results
+
     # -- JSON routes (the seed's HTTP API) -----------------------------------------------------
 
     @staticmethod
@@ -3053,12 +3225,20 @@ class Scheduler(_Role):
                 raise BadRequest("missing field %s" % name)
         return request
 
+    def _json_options(self, request, fields=()):
+        """The start options of a /start or /start_all body (``on`` included)."""
+        self._fields(request, ("command",), fields + ("path", "on") + JOB_OPTIONS)
+        return {k: request[k] for k in ("on",) + JOB_OPTIONS if request.get(k) is not None}
+
     def _json_start(self, request):
-        self._fields(request, ("command",), ("worker_id", "path") + JOB_OPTIONS)
-        options = {k: request[k] for k in JOB_OPTIONS if request.get(k) is not None}
+        options = self._json_options(request, ("worker_id",))
         job_id = self.start(request.get("worker_id") or "", request["command"],
                             request.get("path") or "", options)
         return 201, {"job_id": job_id}
+
+    def _json_start_all(self, request):
+        options = self._json_options(request)
+        return 201, {"jobs": self.start_all(request["command"], request.get("path") or "", options)}
 
     def _json_stop(self, request):
         self._fields(request, ("job_id",), ("worker_id",))
@@ -3781,8 +3961,8 @@ class _PlainHTTPToTLS(Unreachable):
 
 class Client(RPCClient):
     """What programs and the command line call: one method per RPC of the scheduler and the
-    worker (start, stop, query, output, jobs, workers, info, register, deregister, heartbeat),
-    plus follow(). Same arguments as the RPCs; see RPCClient for addresses and errors.
+    worker (start, start_all, stop, query, output, jobs, workers, info, register, deregister,
+    heartbeat), plus follow(). Same arguments as the RPCs; see RPCClient for addresses and errors.
 
     ``from_env()`` builds a client of the scheduler configured as the command line is. A client
     made with ``expect_role="scheduler"`` (as from_env() makes it) that finds a worker at its
@@ -3846,6 +4026,12 @@ class Client(RPCClient):
     def start(self, *args):
         """Worker: start(command, path[, options]); scheduler: start(worker_id, command, path[, options])."""
         return self.call("start", *args)
+
+    def start_all(self, command, path, options=None):
+        """Scheduler: start on every matching online worker; one struct per worker."""
+        # The scheduler answers once every worker has, each within its own rpc timeout.
+        return self.call("start_all", command, path, *([options] if options is not None else []),
+                         timeout=self.timeout + 60)
 
     def stop(self, *ids):
         """True once the job has ended: waits as long as its worker's grace period allows (a
@@ -4033,7 +4219,8 @@ def cmd_worker(args):
                     allow_env=args.allow_env,
                     jobs_dir=args.jobs_dir, rpc_timeout=args.rpc_timeout,
                     max_request=args.max_request, security=_security_from_args(args),
-                    spawn_method=None if args.spawn_method == "auto" else args.spawn_method)
+                    spawn_method=None if args.spawn_method == "auto" else args.spawn_method,
+                    labels=_pairs(args.label, "--label"))
     return _serve_until_signal(worker, "jobsched worker listening on %%s (worker_id %s)"
                                % worker.worker_id)
 
@@ -4052,6 +4239,8 @@ def _start_options(args):
         options["cwd"] = args.cwd
     if args.timeout is not None:
         options["timeout"] = args.timeout
+    if args.on:
+        options["on"] = _pairs(args.on, "--on")
     return options
 
 
@@ -4063,6 +4252,8 @@ def _start_from_args(client, args):
 
 
 def cmd_start(args):
+    if args.all:
+        return _start_all(args)
     print(_start_from_args(_client_from_args(args), args))
     return 0
 
@@ -4169,6 +4360,8 @@ def _announce(client, job_id):
 
 
 def cmd_run(args):
+    if args.all or args.gather or args.no_prefix:
+        return _run_all(args)
     client = _client_from_args(args)
     try:
         job_id = _place_job(client, args)
@@ -4232,6 +4425,183 @@ def _run_to_the_end(client, job_id, args):
     if isinstance(stop_asked, int):
         return 128 + stop_asked
     return _stdout_closed() if pipe_closed else job_exit_status(job)
+
+
+def _pairs(items, option):
+    """KEY=VALUE arguments (--label, --on) as a dict; ConfigError (exit 2) for a bad one."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError("%s %s is not KEY=VALUE" % (option, _short(item)))
+        pairs[key] = value
+    try:
+        return want_labels(pairs, option)
+    except BadRequest as e:
+        raise ConfigError(str(e))
+
+
+# -- fan-out: start --all, run --all ------------------------------------------------------------
+
+def _start_all_from_args(client, args):
+    if args.worker:
+        raise ConfigError("--all runs on every matching worker: leave out --worker")
+    if not args.command:
+        raise ConfigError("no command given: jobsched %s --all [options] -- COMMAND [ARG...]"
+                          % args.cmd)
+    return client.start_all(args.command[0], args.path, _start_options(args))
+
+
+def _fan_out_names(entries):
+    """How fan-out output names each worker: its hostname, or HOST/ID (the first 8 characters
+    of its worker id) when another of these workers has the same hostname."""
+    hosts = [entry.get("hostname") or entry["worker_id"][:8] for entry in entries]
+    count = {}
+    for host in hosts:
+        count[host] = count.get(host, 0) + 1
+    return [host if count[host] == 1 else "%s/%s" % (host, entry["worker_id"][:8])
+            for host, entry in zip(hosts, entries)]
+
+
+def _start_all(args):
+    """start --all: JOB_ID WORKER_ID HOSTNAME per started job, a line on stderr per refusal."""
+    entries = _start_all_from_args(_client_from_args(args), args)
+    for name, entry in zip(_fan_out_names(entries), entries):
+        if "error" in entry:
+            print("jobsched: %s: %s" % (name, entry["error"]), file=sys.stderr)
+        else:
+            print("%s %s %s" % (entry["job_id"], entry["worker_id"], entry.get("hostname", "")))
+    return 1 if any("error" in entry for entry in entries) else 0
+
+
+class _FanOutJob:
+    """One worker's part of `run --all`. follow() is its thread's target: it hands on the job's
+    output in whole lines, then records how the job ended: ``status`` (as a shell reports it;
+    1 if the worker refused, 255 if the outcome is unknown) and ``reason`` unless it succeeded."""
+
+    def __init__(self, name, entry):
+        self.name, self.job_id = name, entry.get("job_id")
+        self.status = self.reason = None
+        self.output = []  # --gather: the output, kept until every job has ended
+        self.followed = threading.Event()  # set when follow() has returned
+        self.started = "error" not in entry
+        if not self.started:  # refused, or with a job_id: the worker did not answer
+            self.status, self.reason = 255 if self.job_id else 1, entry["error"]
+            self.followed.set()
+
+    def follow(self, client, emit, stdout_closed):
+        try:
+            self._follow(client, emit)
+        except BrokenPipeError:
+            stdout_closed.set()
+        except Exception as e:  # a thread's target: the reason goes to the user, not lost
+            self.status = 255
+            self.reason = "outcome unknown: %s (jobsched.py query %s)" % (e, self.job_id)
+        finally:
+            self.followed.set()
+
+    def _follow(self, client, emit):
+        data, offset = b"", 0
+        while True:
+            reply = client.output(self.job_id, offset, MAX_OUTPUT_CHUNK, 10)
+            offset, data = reply["offset"], data + reply["data"]
+            # Whole lines only, so that hosts never mix within a line; a line longer than a
+            # chunk goes as it is.
+            end = data.rfind(b"\n") + 1 if len(data) < MAX_OUTPUT_CHUNK else len(data)
+            if end:
+                emit(self, data[:end])
+                data = data[end:]
+            if reply["eof"]:
+                break
+        if data:
+            emit(self, data)
+        job = client.query(self.job_id)
+        self.status = job_exit_status(job)
+        if job["state"] != "succeeded":
+            self.reason = job.get("error_text") or job["state"]
+
+
+def _stop_fan_out(client, jobs):
+    """Stop every job in parallel; returns the threads doing it."""
+    def stop(job):
+        try:
+            client.stop(job.job_id)
+        except JobschedError as e:
+            print("jobsched: %s: cannot stop job %s: %s" % (job.name, job.job_id, e), file=sys.stderr)
+    threads = [threading.Thread(target=stop, args=(job,), daemon=True) for job in jobs]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _await_fan_out(client, jobs, stdout_closed):
+    """Wait for every follower. The first Ctrl-C, or a closed stdout, stops every job; a second
+    Ctrl-C exits at once."""
+    stoppers = None
+    while True:
+        try:
+            if stdout_closed.is_set() and stoppers is None:
+                stoppers = _stop_fan_out(client, jobs)
+            # Events, not Thread.join(): a join that Ctrl-C interrupts can mark a thread
+            # that still runs as ended.
+            following = [job for job in jobs if not job.followed.is_set()]
+            if not following:
+                break
+            following[0].followed.wait(0.1)
+        except KeyboardInterrupt:
+            if stoppers is not None:
+                raise
+            print("jobsched: stopping %d jobs" % len(jobs), file=sys.stderr)
+            stoppers = _stop_fan_out(client, jobs)
+    if stdout_closed.is_set() and stoppers is None:
+        stoppers = _stop_fan_out(client, jobs)
+    for thread in stoppers or ():
+        thread.join()
+
+
+def _run_all(args):
+    """run --all: the job on every matching worker at once, each output line as it comes (or
+    grouped, --gather), one line on stderr per job that did not succeed; the highest status."""
+    if not args.all:
+        raise ConfigError("--gather and --no-prefix go with --all")
+    client = _client_from_args(args)
+    entries = _start_all_from_args(client, args)
+    jobs = [_FanOutJob(name, entry) for name, entry in zip(_fan_out_names(entries), entries)]
+    client.max_idle = len(jobs)  # each follower keeps its connection from one call to the next
+    out, stdout_closed = sys.stdout.buffer, threading.Event()
+    out_lock = threading.Lock()
+    #: guards writes to out: a line is written whole, never mixed with another host's
+
+    def emit(job, data):
+        if args.gather:
+            job.output.append(data if data.endswith(b"\n") else data + b"\n")
+            return
+        prefix = b"" if args.no_prefix else job.name.encode("utf-8", "replace") + b": "
+        lines = data[:-1].split(b"\n") if data.endswith(b"\n") else data.split(b"\n")
+        text = b"".join(prefix + line + b"\n" for line in lines)
+        with out_lock:
+            out.write(text)
+            out.flush()
+    for job in jobs:
+        if job.started:
+            threading.Thread(target=job.follow, args=(client, emit, stdout_closed),
+                             name="jobsched-follow", daemon=True).start()
+    _await_fan_out(client, [job for job in jobs if job.job_id], stdout_closed)
+    if stdout_closed.is_set():
+        return 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
+    if args.gather:
+        groups = {}
+        for job in jobs:
+            if job.started:
+                groups.setdefault((b"".join(job.output), job.status), []).append(job.name)
+        for (output, status), names in sorted(groups.items(), key=lambda group: sorted(group[1])):
+            out.write(("---- %s (exit %d) ----\n" % (",".join(sorted(names)), status)).encode(
+                "utf-8", "replace") + output)
+        out.flush()
+    for job in sorted(jobs, key=lambda job: job.name):
+        if job.reason:
+            print("jobsched: %s: %s" % (job.name, job.reason), file=sys.stderr)
+    return max(job.status for job in jobs)
 
 
 def cmd_stop(args):
@@ -4338,11 +4708,14 @@ def _print_workers(workers, as_json):
         ("worker_id", lambda w: w["worker_id"]), ("address", lambda w: w["address"]),
         ("online", lambda w: "yes" if w["online"] else "no"), ("slots", lambda w: w["slots"]),
         ("running", lambda w: w["running"]), ("hostname", lambda w: w.get("hostname", "")),
+        ("labels", lambda w: format_labels(w.get("labels", {}))),
     ], as_json, "workers")
 
 
 def cmd_workers(args):
-    _print_workers(_client_from_args(args).workers(), args.json)
+    on = _pairs(args.on, "--on")
+    workers = _client_from_args(args).workers()
+    _print_workers([w for w in workers if labels_match(w.get("labels", {}), on)], args.json)
     return 0
 
 
@@ -4498,6 +4871,9 @@ def build_parser():
                           "(repeatable; shell wildcards such as APP_*)")
     sub.add_argument("--jobs-dir", metavar="DIR",
                      help="resolve 'path' inside DIR and refuse anything that escapes it")
+    sub.add_argument("--label", metavar="KEY=VALUE", action="append", default=[],
+                     help="a label jobs can ask for with --on (repeatable); host, os and arch "
+                          "are built in")
 
     id_help = "%s id, or a unique prefix of 8 characters or more"
 
@@ -4510,6 +4886,8 @@ def build_parser():
         sub.add_argument("--env", metavar="K=V", action="append", default=[], help="add to the job's environment (repeatable)")
         sub.add_argument("--timeout", metavar="SECONDS", type=_job_timeout,
                          help="stop the job after this long (at most %d)" % MAX_JOB_TIMEOUT)
+        sub.add_argument("--on", metavar="KEY=VALUE", action="append", default=[],
+                         help="only on a worker with this label; VALUE * asks only for the key (repeatable)")
         sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
     def reconnect_option(sub):
@@ -4523,6 +4901,15 @@ def build_parser():
     reconnect_option(sub)
     sub.add_argument("-q", "--quiet", action="store_true",
                      help="do not say on stderr which job runs where, or reconnecting")
+    for name in ("start", "run"):
+        commands.choices[name].add_argument(
+            "--all", action="store_true",
+            help="start the job on every online worker that matches --on, each with its own id")
+    sub.add_argument("--no-prefix", action="store_true",
+                     help="with --all: print output lines without the 'HOST: ' prefix")
+    sub.add_argument("--gather", action="store_true",
+                     help="with --all: once all have ended, print each distinct output once, "
+                          "under the hosts that printed it")
     sub = command("stop", "stop a job (TERM, then KILL after the grace period)", cmd_stop)
     sub.add_argument("job_id", help=id_help % "job")
     sub = command("query", "show a job's state", cmd_query)
@@ -4542,6 +4929,8 @@ def build_parser():
                      help="only the N most recently started")
     sub = command("workers", "list the workers", cmd_workers)
     sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_argument("--on", metavar="KEY=VALUE", action="append", default=[],
+                     help="only the workers with this label; VALUE * asks only for the key (repeatable)")
     sub = command("status", "one screen: workers, slots, queued and running jobs, the last hour",
                   cmd_status)
     sub.add_argument("--json", action="store_true", help="print JSON")

@@ -10,6 +10,7 @@ import http.server
 import json
 import logging
 import os
+import platform
 import random
 import re
 import select
@@ -4467,6 +4468,355 @@ class WallClockTest(ClusterTestCase):
         client.heartbeat("silent", {"heartbeat": 30})
         self.assertEqual(self.online(client), [True, True])
         self.assertGreater(client.workers()[1]["last_seen"], time.time() + 3000)  # shown as is
+
+
+class LabelsTest(ClusterTestCase):
+    """Worker labels and a job's ``on``: three workers with different labels."""
+
+    LABELS = {"a": {"gpu": "1", "rack": "a"}, "b": {"gpu": "0", "rack": "b"},
+              "c": {"rack": "a", "ssd": "yes"}}
+
+    def labelled_cluster(self, **worker_kwargs):
+        """A scheduler and workers a, b, c with LABELS, all online: (scheduler, {name: worker}, client)."""
+        scheduler = self.scheduler()
+        workers = {name: self.worker(scheduler, labels=labels, **worker_kwargs)
+                   for name, labels in sorted(self.LABELS.items())}
+        client = self.client(scheduler)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 3, message="workers to register")
+        return scheduler, workers, client
+
+    def placed_on(self, client, workers, options, times=6):
+        """The names of the workers that `times` starts with these options ran on."""
+        names = {w.worker_id: name for name, w in workers.items()}
+        return {names[client.query(client.start("", "true", "", options))["worker_id"]]
+                for _ in range(times)}
+
+    def test_labels_match_and_format(self):
+        labels = {"gpu": "1", "rack": "a"}
+        self.assertTrue(jobsched.labels_match(labels, {}))
+        self.assertTrue(jobsched.labels_match(labels, {"gpu": "1", "rack": "*"}))
+        self.assertFalse(jobsched.labels_match(labels, {"gpu": "1", "ssd": "*"}))
+        self.assertFalse(jobsched.labels_match(labels, {"gpu": "0"}))
+        self.assertEqual(jobsched.format_labels({"rack": "a", "gpu": "1"}), "gpu=1,rack=a")
+        self.assertEqual(jobsched.parse_on([]), {})
+
+    def test_labels_in_info_worker_struct_and_workers_command(self):
+        scheduler, workers, client = self.labelled_cluster()
+        builtin = {"host": socket.gethostname(), "os": sys.platform, "arch": platform.machine()}
+        self.assertEqual(workers["a"].info()["labels"], dict(builtin, gpu="1", rack="a"))
+        listed = {w["worker_id"]: w["labels"] for w in client.workers()}
+        for name, worker in workers.items():
+            self.assertEqual(listed[worker.worker_id], dict(builtin, **self.LABELS[name]))
+        env = {"JOBSCHED_SCHEDULER": scheduler.address}
+        table = self.cli("workers", env=env)
+        self.assertEqual(table.returncode, 0, table.stderr)
+        lines = table.stdout.decode().splitlines()
+        self.assertIn("LABELS", lines[0].split())
+        self.assertTrue(any(line.split()[0] == workers["c"].worker_id and line.endswith(
+            "arch=%s,host=%s,os=%s,rack=a,ssd=yes" % (builtin["arch"], builtin["host"], builtin["os"]))
+            for line in lines[1:]), lines)
+        filtered = self.cli("workers", "--on", "rack=a", "--on", "gpu=*", "--json", env=env)
+        self.assertEqual(filtered.returncode, 0, filtered.stderr)
+        self.assertEqual([w["worker_id"] for w in json.loads(filtered.stdout.decode())["workers"]],
+                         [workers["a"].worker_id])
+
+    def test_bad_labels_are_refused_by_worker_and_scheduler(self):
+        for labels, reason in (({"host": "elsewhere"}, "built in"), ({"bad key": "1"}, "key"),
+                               ({"k" * 65: "1"}, "key"), ({"k": "v" * 257}, "256"),
+                               ({"k": "a\nb"}, "printable"), ({"k": 1}, "string")):
+            with self.assertRaises(jobsched.ConfigError) as caught:
+                jobsched.Worker("127.0.0.1:0", scheduler=None, state_dir=self.tempdir(), labels=labels)
+            self.assertIn(reason, str(caught.exception))
+        state_dir = self.tempdir()
+        cases = [(("--label", "gpu"), "KEY=VALUE"), (("--label", "host=elsewhere"), "built in"),
+                 (("--label", "a b=1"), "key"), (("--label", "k=" + "v" * 257), "256")]
+        procs = [(popen_jobsched(self, worker_args("127.0.0.1:1", state_dir, *extra)), reason)
+                 for extra, reason in cases]
+        for proc, reason in procs:
+            out, err = proc.communicate(timeout=30)
+            self.assertEqual(proc.returncode, 2, err)
+            self.assertIn(reason, err.decode())
+            self.assertEqual(len(err.decode().strip().splitlines()), 1, err)
+        scheduler = self.scheduler()
+        worker_id = self.client(scheduler).register("127.0.0.1:1", {"labels": []})
+        self.assertEqual(raw_fault(scheduler.address, "register", "127.0.0.1:1",
+                                   {"labels": {"bad key": "1"}})[0], 2)
+        code, message = raw_fault(scheduler.address, "heartbeat", worker_id, {"labels": {"k": 5}})
+        self.assertEqual(code, 2)
+        self.assertIn("info.labels.k", message)
+
+    def test_placement_honours_every_constraint(self):
+        scheduler, workers, client = self.labelled_cluster()
+        self.assertEqual(self.placed_on(client, workers, {"on": {"gpu": "1"}}), {"a"})
+        self.assertLessEqual(self.placed_on(client, workers, {"on": {"gpu": "*"}}), {"a", "b"})
+        self.assertLessEqual(self.placed_on(client, workers, {"on": {"rack": "a"}}), {"a", "c"})
+        self.assertEqual(self.placed_on(client, workers, {"on": {"rack": "a", "ssd": "*"}}), {"c"})
+        fault = fault_of(client.start, "", "true", "", {"on": {"rack": "a", "gpu": "0"}})
+        self.assertIsInstance(fault, jobsched.Unavailable)
+        self.assertEqual(str(fault), "no online worker matches gpu=0,rack=a")
+        fault = fault_of(client.start, workers["b"].worker_id, "true", "", {"on": {"gpu": "1"}})
+        self.assertIsInstance(fault, jobsched.Unavailable)
+        self.assertIn("does not match gpu=1", str(fault))
+        job_id = client.start(workers["a"].worker_id, "true", "", {"on": {"gpu": "1"}})
+        self.assertEqual(client.query(job_id)["worker_id"], workers["a"].worker_id)
+        for on in ({"bad key": "1"}, {"gpu": 1}, "gpu=1"):
+            self.assertIsInstance(fault_of(client.start, "", "true", "", {"on": on}), jobsched.BadRequest)
+        status, reply = http_call(scheduler.address, "POST", "/start",
+                                  {"command": "true", "on": {"ssd": "yes"}})
+        self.assertEqual(status, 201, reply)
+        self.assertEqual(client.query(reply["job_id"])["worker_id"], workers["c"].worker_id)
+        self.assertEqual(http_call(scheduler.address, "POST", "/start",
+                                   {"command": "true", "on": {"ssd": "no"}}),
+                         (503, {"error": "no online worker matches ssd=no"}))
+        result = self.cli("start", "--on", "ssd=yes", "--", "true",
+                          env={"JOBSCHED_SCHEDULER": scheduler.address})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(client.query(result.stdout.decode().strip())["worker_id"], workers["c"].worker_id)
+        workers["a"].close()  # deregisters: offline at once
+        wait_until(lambda: not [w for w in client.workers() if w["worker_id"] == workers["a"].worker_id
+                                and w["online"]], message="worker a offline")
+        fault = fault_of(client.start, "", "true", "", {"on": {"gpu": "1"}})
+        self.assertEqual((type(fault), str(fault)), (jobsched.Unavailable, "no online worker matches gpu=1"))
+
+    def test_full_matching_worker_refuses_without_trying_others(self):
+        scheduler, workers, client = self.labelled_cluster(slots=1)
+        job_id = client.start("", "sleep", "", {"args": ["300"], "on": {"gpu": "1"}})
+        self.addCleanup(client.stop, job_id)
+        fault = fault_of(client.start, "", "true", "", {"on": {"gpu": "1"}})
+        self.assertIsInstance(fault, jobsched.Unavailable)
+        self.assertEqual(len(client.jobs()), 1)  # b and c had free slots but do not match
+
+
+JOB_SCRIPTS = {
+    # run --all --path out.sh -- sh: a and b print the same, c differs and ends without a newline
+    "out.sh": {"a": "echo one; echo same; exit 0", "b": "echo one; echo same; exit 0",
+               "c": "echo one; printf 'c partial'; exit 3"},
+    "status.sh": {"a": "exit 0", "b": "echo b; exit 2", "c": "kill -KILL $$"},
+    "wait.sh": {"a": "echo started; exec sleep 300", "b": "echo started; exec sleep 300",
+                "c": "echo started; exec sleep 300"},
+}
+
+
+def finished(proc):
+    """(status, stdout, stderr) of a process once it has ended, its output decoded."""
+    out, err = proc.communicate(timeout=30)
+    return proc.returncode, out.decode(), err.decode()
+
+
+class FanOutTest(ClusterTestCase):
+    """start_all and run/start --all: each worker has its own jobs dir, so the same --path runs
+    a different script on each (a, b and c share this host's name: prefixes are HOST/ID)."""
+
+    LABELS = LabelsTest.LABELS
+
+    def labelled_cluster(self, **worker_kwargs):
+        self.jobs_dirs = {}
+        for name in self.LABELS:
+            self.jobs_dirs[name] = self.tempdir()
+            for script, bodies in JOB_SCRIPTS.items():
+                with open(os.path.join(self.jobs_dirs[name], script), "w") as f:
+                    f.write(bodies[name] + "\n")
+        scheduler = self.scheduler()
+        workers = {name: self.worker(scheduler, labels=labels, jobs_dir=self.jobs_dirs[name],
+                                     **worker_kwargs)
+                   for name, labels in sorted(self.LABELS.items())}
+        client = self.client(scheduler)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 3, message="workers to register")
+        self.env = {"JOBSCHED_SCHEDULER": scheduler.address}
+        self.names = {name: "%s/%s" % (socket.gethostname(), w.worker_id[:8]) for name, w in workers.items()}
+        return scheduler, workers, client
+
+    def run_all(self, *args):
+        return self.cli("run", "--all", *args, env=self.env)
+
+    def run_all_at_once(self, *commands):
+        """`run --all ARGS` for each ARGS in commands, all at once: [(status, stdout, stderr)]."""
+        procs = [popen_jobsched(self, ("run", "--all") + args, env=dict(os.environ, **self.env))
+                 for args in commands]
+        return [finished(proc) for proc in procs]
+
+    def test_start_all_places_one_job_on_each_matching_worker(self):
+        scheduler, workers, client = self.labelled_cluster()
+        refusing = self.worker(scheduler, labels={"rack": "a"}, allow=["true"])
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 4, message="worker d")
+        registered = [w["worker_id"] for w in client.workers()]  # the order of the answers
+        answer = client.start_all("sh", "", {"args": ["-c", "echo $0", "x"], "on": {"rack": "a"}})
+        rack_a = [worker_id for worker_id in registered if worker_id in (workers["a"].worker_id,
+                                                                         workers["c"].worker_id)]
+        self.assertEqual([e["worker_id"] for e in answer], rack_a + [refusing.worker_id])
+        self.assertEqual({e["hostname"] for e in answer}, {socket.gethostname()})
+        started, refused = answer[:2], answer[2]
+        self.assertEqual(len({e["job_id"] for e in started}), 2)
+        for entry in started:
+            self.assertEqual(set(entry), {"worker_id", "hostname", "job_id"})
+            self.assertEqual(scheduler._job_index[entry["job_id"]], entry["worker_id"])
+            job = self.wait_done(client, entry["job_id"])
+            self.assertEqual((job["worker_id"], job["state"]), (entry["worker_id"], "succeeded"))
+            self.assertEqual(client.output(entry["job_id"])["data"], b"x\n")
+        self.assertEqual(set(refused), {"worker_id", "hostname", "error"})
+        self.assertIn("not allowed", refused["error"])
+        self.assertEqual(len(client.start_all("true", "")), 4)
+        fault = fault_of(client.start_all, "true", "", {"on": {"rack": "z"}})
+        self.assertEqual((type(fault), str(fault)), (jobsched.Unavailable, "no online worker matches rack=z"))
+        job_id = str(uuid.uuid4())
+        self.assertIsInstance(fault_of(client.start_all, "true", "", {"job_id": job_id}), jobsched.BadRequest)
+        self.assertIsInstance(fault_of(client.start_all, "true", "", {"on": {"a b": "1"}}),
+                              jobsched.BadRequest)
+        status, reply = http_call(scheduler.address, "POST", "/start_all",
+                                  {"command": "true", "on": {"gpu": "*"}, "timeout": 60})
+        self.assertEqual(status, 201, reply)
+        self.assertEqual([e["worker_id"] for e in reply["jobs"]], [
+            worker_id for worker_id in registered if worker_id in (workers["a"].worker_id,
+                                                                   workers["b"].worker_id)])
+        self.assertEqual(http_call(scheduler.address, "POST", "/start_all",
+                                   {"command": "true", "on": {"gpu": "2"}}),
+                         (503, {"error": "no online worker matches gpu=2"}))
+        self.assertEqual(http_call(scheduler.address, "POST", "/start_all",
+                                   {"command": "true", "worker_id": ""})[0], 400)
+
+    def test_run_all_prefixes_every_line(self):
+        scheduler, workers, client = self.labelled_cluster()
+        (status, out, err), (one_status, one_out, one_err), (_, bare, _) = self.run_all_at_once(
+            ("--path", "out.sh", "--", "sh"),
+            ("--on", "ssd=yes", "--path", "out.sh", "--", "sh"),  # one worker: its host alone
+            ("--no-prefix", "--on", "rack=*", "--path", "out.sh", "--", "sh"))
+        self.assertEqual(status, 3, err)
+        expected = sorted("%s: %s" % (self.names[name], line) for name, lines in (
+            ("a", ["one", "same"]), ("b", ["one", "same"]), ("c", ["one", "c partial"]))
+            for line in lines)
+        self.assertEqual(sorted(out.splitlines()), expected)
+        self.assertTrue(out.endswith("\n"))
+        self.assertEqual(err, "jobsched: %s: exit status 3\n" % self.names["c"])
+        host = socket.gethostname()
+        self.assertEqual((one_status, one_out, one_err), (
+            3, "%s: one\n%s: c partial\n" % (host, host), "jobsched: %s: exit status 3\n" % host))
+        self.assertEqual(sorted(bare.splitlines()), sorted(["one", "same"] * 2 + ["one", "c partial"]))
+
+    def test_run_all_exits_with_the_highest_status(self):
+        scheduler, workers, client = self.labelled_cluster()
+        (status, out, err), (ok_status, ok_out, ok_err) = self.run_all_at_once(
+            ("--path", "status.sh", "--", "sh"), ("--on", "gpu=0", "--", "true"))
+        self.assertEqual(status, 128 + 9, err)
+        self.assertEqual(out, "%s: b\n" % self.names["b"])
+        self.assertEqual(sorted(err.splitlines()), sorted([
+            "jobsched: %s: exit status 2" % self.names["b"],
+            "jobsched: %s: signal: killed" % self.names["c"]]))
+        self.assertEqual((ok_status, ok_out, ok_err), (0, "", ""))
+
+    def test_run_all_gather_groups_identical_outputs(self):
+        scheduler, workers, client = self.labelled_cluster()
+        result = self.run_all("--gather", "--path", "out.sh", "--", "sh")
+        self.assertEqual(result.returncode, 3, result.stderr)
+        first, second = sorted([",".join(sorted([self.names["a"], self.names["b"]])), self.names["c"]])
+        groups = {self.names["c"]: "---- %s (exit 3) ----\none\nc partial\n" % self.names["c"]}
+        groups[first if first != self.names["c"] else second] = (
+            "---- %s (exit 0) ----\none\nsame\n" % ",".join(sorted([self.names["a"], self.names["b"]])))
+        self.assertEqual(result.stdout.decode(), "".join(groups[key] for key in sorted(groups)))
+        self.assertEqual(result.stderr.decode(), "jobsched: %s: exit status 3\n" % self.names["c"])
+
+    def test_refusals_are_reported_and_start_all_prints_a_line_per_job(self):
+        scheduler, workers, client = self.labelled_cluster()
+        refusing = self.worker(scheduler, labels={"rack": "d"}, allow=["true"])
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 4, message="worker d")
+        refused = "%s/%s: command 'sh' is not allowed on this worker\n" % (
+            socket.gethostname(), refusing.worker_id[:8])
+        env = dict(os.environ, **self.env)
+        procs = [popen_jobsched(self, args, env=env) for args in (
+            ("run", "--all", "--on", "rack=*", "--path", "status.sh", "--", "sh"),
+            ("run", "--all", "--on", "rack=d", "--", "sh", "-c", "true"),
+            ("start", "--all", "--on", "rack=*", "--", "true"),
+            ("start", "--all", "--on", "rack=d", "--", "sh", "-c", "true"))]
+        (status, _, err), (only_status, _, only_err), (start_status, out, start_err), \
+            (refused_status, refused_out, refused_err) = [finished(proc) for proc in procs]
+        self.assertEqual(status, 128 + 9, err)
+        self.assertIn("jobsched: " + refused, err)
+        self.assertEqual((only_status, only_err), (1, "jobsched: %s: " % socket.gethostname()
+                                                   + refused.split(": ", 1)[1]))
+        self.assertEqual(start_status, 0, start_err)
+        lines = [line.split(" ") for line in out.splitlines()]
+        self.assertEqual([line[1:] for line in lines], [[w["worker_id"], socket.gethostname()]
+                                                        for w in client.workers()])
+        for job_id, worker_id, _ in lines:
+            self.assertEqual(self.wait_done(client, job_id)["worker_id"], worker_id)
+        self.assertEqual((refused_status, refused_out), (1, ""))
+        self.assertEqual(refused_err, "jobsched: %s: " % socket.gethostname() + refused.split(": ", 1)[1])
+
+    def test_closed_stdout_stops_every_job(self):
+        scheduler, workers, client = self.labelled_cluster()
+        marker = uuid.uuid4().hex
+        proc = popen_jobsched(self, ("run", "--all", "--", "sh", "-c",
+                                     "while :; do echo tick; sleep 0.05; done", marker),
+                              env=dict(os.environ, **self.env))
+        read_until(proc, b"tick\n")
+        proc.stdout.close()  # as `run --all ... | head -1` does
+        self.assertEqual(proc.wait(timeout=30), 141)
+        err = proc.stderr.read()
+        self.assertNotIn(b"Traceback", err)
+        self.assertNotIn(b"Exception", err)
+        jobs = [j for j in client.jobs() if marker in j["args"]]
+        self.assertEqual(len(jobs), 3)
+        self.assertEqual({j["state"] for j in jobs}, {"stopped"})
+
+    def test_a_worker_that_does_not_answer_has_an_unknown_outcome(self):
+        scheduler, workers, client = self.labelled_cluster()
+        scheduler.rpc_timeout = 1.0  # for the ghost's client and its retries
+        refusing = socket.socket()  # bound, not listening: nothing was sent, nothing started
+        self.addCleanup(refusing.close)
+        refusing.bind(("127.0.0.1", 0))
+        refuser = client.register("127.0.0.1:%d" % refusing.getsockname()[1],
+                                  {"hostname": "refuser", "labels": {"rack": "refused"}})
+        (entry,) = client.start_all("true", "", {"on": {"rack": "refused"}})
+        self.assertEqual((entry["worker_id"], entry["hostname"]), (refuser, "refuser"))
+        self.assertNotIn("job_id", entry)
+        self.assertIn("cannot reach", entry["error"])
+        client.deregister(refuser)
+        silent = socket.socket()  # listening, never answering: the call cannot tell if it started
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        ghost = client.register("127.0.0.1:%d" % silent.getsockname()[1],
+                                {"hostname": "ghost", "labels": {"rack": "gone"}})
+        (entry,) = client.start_all("true", "", {"on": {"rack": "gone"}})
+        self.assertEqual((entry["worker_id"], entry["hostname"]), (ghost, "ghost"))
+        self.assertIn("outcome unknown: job %s may have started on worker %s" % (entry["job_id"], ghost),
+                      entry["error"])
+        self.assertEqual(scheduler._job_index[entry["job_id"]], ghost)
+        status, out, err = self.run_all_at_once(("--on", "rack=*", "--path", "out.sh", "--", "sh"))[0]
+        self.assertEqual(status, 255, err)
+        self.assertEqual(len(out.splitlines()), 6)
+        self.assertRegex(err, r"(?m)^jobsched: ghost: outcome unknown: job [-0-9a-f]{36} may have "
+                              r"started on worker %s \(cannot reach " % ghost)
+
+    def test_bad_fan_out_command_lines_exit_2_and_start_nothing(self):
+        scheduler, workers, client = self.labelled_cluster()
+        cases = [("run", "--gather", "--", "true"), ("start", "--all"),
+                 ("run", "--all", "--worker", workers["a"].worker_id, "--", "true"),
+                 ("run", "--all", "--on", "gpu", "--", "true")]
+        procs = [popen_jobsched(self, args, env=dict(os.environ, **self.env)) for args in cases]
+        for args, proc in zip(cases, procs):
+            out, err = proc.communicate(timeout=30)
+            self.assertEqual(proc.returncode, 2, (args, out, err))
+            self.assertEqual(len(err.decode().strip().splitlines()), 1, (args, err))
+        self.assertEqual(client.jobs(), [])
+
+    def test_run_all_ctrl_c_stops_every_job(self):
+        scheduler, workers, client = self.labelled_cluster()
+        marker = uuid.uuid4().hex
+        proc = popen_jobsched(self, ("run", "--all", "--path", "wait.sh", "--", "sh", marker),
+                              env=dict(os.environ, **self.env))
+        seen = b""
+        while seen.count(b"started\n") < 3:
+            seen += read_until(proc, b"started\n")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 128 + 15, err)
+        self.assertNotIn(b"Traceback", err)
+        jobs = [j for j in client.jobs() if marker in j["args"]]
+        self.assertEqual(sorted(j["worker_id"] for j in jobs), sorted(w.worker_id for w in workers.values()))
+        self.assertEqual({j["state"] for j in jobs}, {"stopped"})
+        self.assertIn("jobsched: stopping 3 jobs", err.decode())
+        for name in workers:
+            self.assertIn("jobsched: %s: signal: terminated\n" % self.names[name], err.decode())
 
 
 if __name__ == "__main__":

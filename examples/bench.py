@@ -9,6 +9,7 @@
     python3 examples/bench.py --compare-python PATH [--compare-python PATH2 ...]
                                          # also: start p50 and 8-thread starts of each
                                          # interpreter, in interleaved rounds, with ratios
+    python3 examples/bench.py --fan-out-only  # only start_all / run --all across 50 workers
 
 It starts a scheduler and two workers on loopback (port 0) as subprocesses, as deployed, measures
 the floors in the same run (a job-like ``Popen``, a stdlib XML-RPC round trip on a kept-alive and
@@ -53,11 +54,11 @@ GO_SEED = {"start_seq_p50_ms": "1.6-1.8", "start_seq_per_s": "520-600",
 FULL = {"floor": 1000, "seq": 1000, "threads_n": 4000, "query": 2000, "follow_lines": 200,
         "follow_cpu_seconds": 10.0, "logs_bytes": 100 * MiB, "sleep_jobs": 1000,
         "known_jobs": 100000, "sim_workers": 1000, "scale_n": 1000, "tls_n": 1000,
-        "metrics_n": 500}
+        "metrics_n": 500, "fan_out_workers": 50, "start_all_n": 40, "run_all_n": 15}
 QUICK = {"floor": 200, "seq": 300, "threads_n": 600, "query": 300, "follow_lines": 40,
          "follow_cpu_seconds": 2.0, "logs_bytes": 40 * MiB, "sleep_jobs": 1000,
          "known_jobs": 20000, "sim_workers": 1000, "scale_n": 250, "tls_n": 200,
-         "metrics_n": 100}
+         "metrics_n": 100, "fan_out_workers": 50, "start_all_n": 10, "run_all_n": 5}
 
 FIGURES = (
     "floor_popen_launch_p50_ms", "floor_rtt_keepalive_p50_ms", "floor_rtt_new_conn_p50_ms",
@@ -67,6 +68,7 @@ FIGURES = (
     "worker_rss_mb_1000_jobs", "scheduler_rss_mb_1000_workers", "start_p99_ms_idle",
     "start_p99_ms_1000_heartbeating", "tls_start_p50_ms", "tls_query_p50_ms",
     "metrics_1000_workers_ms",
+    "start_all_50_workers_ms", "run_all_50_workers_ms",
 )
 
 # A job that prints its clock every 50 ms after a pause (so the follower is ready by then).
@@ -122,12 +124,14 @@ def rss_mb(pid):
     return int(out.decode().strip()) / 1024.0
 
 
-def cpu_seconds(pid):
-    """User + system CPU of a process (Linux /proc; None elsewhere)."""
+def cpu_seconds(pid, children=False):
+    """User + system CPU of a process, and of its reaped children if asked (Linux /proc; None
+    elsewhere)."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+        ticks = sum(int(fields[i]) for i in ((11, 12, 13, 14) if children else (11, 12)))
+        return ticks / float(os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
 
@@ -749,7 +753,88 @@ def run(counts, res, python=sys.executable):
     extras["heartbeat_failures_logged"] = res.log_tail(beater).count("heartbeat failed")
     res.stop(beater)
     client.close()
+    more_figures, more_extras = fan_out(res, counts, python)
+    figures.update(more_figures)
+    extras.update(more_extras)
     return figures, extras
+
+
+def fan_out(res, counts, python=sys.executable):
+    """start_all (the RPC) and `jobsched.py run --all -- true` (the whole command) across
+    counts["fan_out_workers"] worker processes with a scheduler of their own."""
+    figures, extras = {}, {}
+    py = [python, JOBSCHED]
+    n = counts["fan_out_workers"]
+    note("fan-out: a scheduler and %d worker processes" % n)
+    sched_proc, address, _ = res.role(py + ["scheduler", "--listen", "127.0.0.1:0"], "fan-scheduler")
+    procs = [res.spawn(py + ["worker", "--listen", "127.0.0.1:0", "--scheduler", address,
+                             "--slots", "8", "--state-dir", res.path("fan-%02d" % i),
+                             "--heartbeat", "2", "--label", "rack=r%d" % (i % 4)],
+                       "fan-worker-%02d" % i) for i in range(n)]
+    for proc in procs:  # started all at once: 2 cores import n Pythons in a few seconds
+        if "listening on" not in res.read_line(proc, timeout=120):
+            raise RuntimeError("%s did not start:\n%s" % (proc.bench_name, res.log_tail(proc)))
+    client = jobsched.Client(address, timeout=60)
+    try:
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == n, 60,
+                   "%d workers to register" % n)
+        extras["fan_out_workers"] = n
+
+        def start_all():
+            answer = client.start_all("true", "")
+            if len(answer) != n or any("error" in entry for entry in answer):
+                raise RuntimeError("start_all did not start on every worker: %s" % answer[:3])
+            return answer
+        for _ in range(3):  # every scheduler -> worker connection is open from here on
+            for entry in start_all():
+                wait_done(client, entry["job_id"])
+        time.sleep(2.0)  # the workers' start-up is over
+
+        def cluster_cpu():  # None where /proc is not there
+            seconds = [cpu_seconds(proc.pid, children=True) for proc in [sched_proc] + procs]
+            return None if None in seconds else sum(seconds)
+        samples, cpu0, wall0 = [], cluster_cpu(), time.monotonic()
+        for _ in range(counts["start_all_n"]):
+            samples.extend(timed_calls(1, start_all))
+            time.sleep(0.5)  # the 50 `true` jobs end: each round starts on idle workers
+        cpu1, wall1 = cluster_cpu(), time.monotonic()
+        time.sleep(wall1 - wall0)
+        cpu2 = cluster_cpu()
+        figures["start_all_50_workers_ms"] = ms(percentile(samples, 0.5))
+        extras["start_all_50_workers_max_ms"] = ms(max(samples))
+        if cpu0 is not None:
+            # CPU the scheduler, the workers and their jobs spend per round, idle time taken out:
+            # on 2 cores the round cannot take less than half of it.
+            extras["start_all_50_workers_cpu_ms"] = ms(
+                ((cpu1 - cpu0) - (cpu2 - cpu1)) / counts["start_all_n"])
+
+        def run_all():
+            subprocess.run(py + ["run", "--all", "--scheduler", address, "--", "true"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=120,
+                           check=True)
+        samples = []
+        for _ in range(counts["run_all_n"]):
+            samples.extend(timed_calls(1, run_all))
+            time.sleep(0.5)
+        figures["run_all_50_workers_ms"] = ms(percentile(samples, 0.5))
+        extras["run_all_50_workers_max_ms"] = ms(max(samples))
+        extras["fan_out_worker_rss_mb"] = round(rss_mb(procs[0].pid), 1)
+        extras["fan_out_load_average"] = round(os.getloadavg()[0], 2)  # other processes' share
+    finally:
+        client.close()
+        for proc in procs:  # all at once: each takes a moment to deregister and exit
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            res.stop(proc)
+    return figures, extras
+
+
+def fan_out_targets(f):
+    return [
+        ("start_all_50_workers_ms", "", None, "<= 100", f["start_all_50_workers_ms"] <= 100),
+        ("run_all_50_workers_ms", "python start-up included", None, "<= 1000",
+         f["run_all_50_workers_ms"] <= 1000),
+    ]
 
 
 def targets(f, e):
@@ -800,7 +885,7 @@ def targets(f, e):
         ("metrics_1000_workers_ms", "rtt %.3f" % f["floor_rtt_keepalive_p50_ms"],
          ratio(f["metrics_1000_workers_ms"], f["floor_rtt_keepalive_p50_ms"]), "<= 2",
          f["metrics_1000_workers_ms"] <= 2),
-    ]
+    ] + fan_out_targets(f)
     return rows
 
 
@@ -824,6 +909,8 @@ def main(argv=None):
                         help="where the workers' state dirs go (default: a temp dir beside the "
                              "workers' default state dir, %s)"
                              % os.path.dirname(jobsched.default_state_dir()))
+    parser.add_argument("--fan-out-only", action="store_true",
+                        help="measure only start_all_50_workers_ms and run_all_50_workers_ms")
     parser.add_argument("--python", metavar="PATH", default=sys.executable,
                         help="interpreter that runs the scheduler and the workers (default: this one)")
     parser.add_argument("--compare-python", metavar="PATH", action="append", default=[],
@@ -851,7 +938,10 @@ def main(argv=None):
     res = Resources(args.dir)
     began = time.monotonic()
     try:
-        figures, extras = ({}, {}) if args.only_compare else run(counts, res, args.python)
+        if args.fan_out_only:
+            figures, extras = fan_out(res, counts, args.python)
+        else:
+            figures, extras = ({}, {}) if args.only_compare else run(counts, res, args.python)
         if args.compare_python:
             comparison = compare_pythons(res, [args.python] + args.compare_python, counts)
             base = comparison[python_version(args.python)]
@@ -866,7 +956,10 @@ def main(argv=None):
     finally:
         res.close()
     extras["bench_seconds"] = round(time.monotonic() - began, 1)
-    rows = targets(figures, extras) if figures else []
+    if args.fan_out_only:
+        rows = fan_out_targets(figures)
+    else:
+        rows = targets(figures, extras) if figures else []
     meta = {"python": python_version(args.python), "cores": os.cpu_count(),
             "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
             "quick": args.quick, "counts": counts, "state_dirs_in": os.path.dirname(res.root)}
