@@ -4785,7 +4785,7 @@ class FanOutTest(ClusterTestCase):
         self.assertEqual(status, 255, err)
         self.assertEqual(len(out.splitlines()), 6)
         self.assertRegex(err, r"(?m)^jobsched: ghost: outcome unknown: job [-0-9a-f]{36} may have "
-                              r"started on worker %s \(cannot reach " % ghost)
+                              r"started on worker %s \(no answer from " % ghost)
 
     def test_bad_fan_out_command_lines_exit_2_and_start_nothing(self):
         scheduler, workers, client = self.labelled_cluster()
