@@ -156,25 +156,23 @@ class _RelayedReply(bytes):
 
 _ID_ARRAY_HEAD = b"<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n<value><array><data>\n"
 _ID_ARRAY_TAIL = b"</data></array></value>\n</param>\n</params>\n</methodResponse>\n"
-_ID_ITEM = re.compile(rb"<value><string>([0-9a-f-]{36})</string></value>\n")
+ID_ITEM = "<value><string>%s</string></value>\n"
+_ID_ITEM = re.compile("<value><string>([0-9a-f-]{36})</string></value>\n")
 
 
-def dumps_id_array(job_ids):
-    """dumps_response(job_ids) for canonical UUIDs (nothing to escape), ten times faster: a
-    submit of 10000 jobs answers 10000 ids."""
-    items = "".join(["<value><string>%s</string></value>\n" % job_id for job_id in job_ids])
-    return _RelayedReply(_ID_ARRAY_HEAD + items.encode("ascii") + _ID_ARRAY_TAIL)
+def dumps_id_array(items):
+    """dumps_response() of an array of job ids given as its items (ID_ITEM % job_id), ten times
+    faster for the 10000 ids a submit may answer (canonical UUIDs: nothing to escape)."""
+    return _RelayedReply(_ID_ARRAY_HEAD + "".join(items).encode("ascii") + _ID_ARRAY_TAIL)
 
 
 def parse_id_array(body):
     """The ids of a reply shaped as dumps_id_array() makes it; None for any other reply."""
     if not (body.startswith(_ID_ARRAY_HEAD) and body.endswith(_ID_ARRAY_TAIL)):
         return None
-    items = body[len(_ID_ARRAY_HEAD):len(body) - len(_ID_ARRAY_TAIL)]
+    items = body[len(_ID_ARRAY_HEAD):len(body) - len(_ID_ARRAY_TAIL)].decode("ascii", "replace")
     ids = _ID_ITEM.findall(items)
-    if len(ids) * 69 != len(items):  # 69 bytes an item: anything else is not this shape
-        return None
-    return [job_id.decode("ascii") for job_id in ids]
+    return ids if len(ids) * 69 == len(items) else None  # 69 characters an item
 
 
 def _short(value, limit=80):
@@ -1114,6 +1112,9 @@ class Job:
 
 MAX_START_BATCH = 64          # jobs started by one start_many call
 JOB_END_BACKLOG = 100000      # ended jobs a worker keeps to report while the scheduler is away
+#: what a worker reports of an ended job: the scheduler keeps no more (and parses less)
+JOB_END_KEYS = ("job_id", "state", "error_text", "exit_code", "signal", "pid", "started_at",
+                "finished_at", "output_bytes")
 
 
 def default_state_dir():
@@ -1411,7 +1412,11 @@ class Worker(_Role):
                 pending.popleft()
             batch = [pending[i] for i in range(min(len(pending), 200))]
             try:
-                scheduler.call("job_ended", self.worker_id, [self._struct(job) for job in batch])
+                with self.jobs_lock:
+                    structs = [job.to_struct() for job in batch]
+                scheduler.call("job_ended", self.worker_id,
+                               [{key: struct[key] for key in JOB_END_KEYS if key in struct}
+                                for struct in structs])
                 for _ in batch:
                     pending.popleft()
                 failures = 0
@@ -1783,6 +1788,19 @@ JOB_SPEC_FIELDS = {
 }
 
 
+def expand_job_ids(keys, specs, form="%s"):
+    """form % job_id of each job of specs, given the keys JobQueue.submit() answered for them:
+    one for a spec, one per index for an array, in order."""
+    items = []
+    for key, spec in zip(keys, specs):
+        if "array" in spec:
+            template = form % (key + "%012x")
+            items += [template % index for index in range(spec["array"])]
+        else:
+            items.append(form % key)
+    return items
+
+
 def parse_job_spec(spec, name):
     """Check one submit() spec against JOB_SPEC_FIELDS: a dict of the fields it gives."""
     spec = want_struct(spec, name)
@@ -1803,9 +1821,9 @@ class QueueEntry:
     __slots__ = ("key", "seq", "submitted_at", "spec", "count", "next", "skip", "unmet",
                  "cancelled", "size")
 
-    def __init__(self, key, seq, submitted_at, spec, count):
+    def __init__(self, key, seq, submitted_at, spec):
         self.key, self.seq, self.submitted_at = key, seq, submitted_at
-        self.spec, self.count = spec, count  # spec: the fields given, but array
+        self.spec, self.count = spec, spec.get("array")  # spec: the fields given
         self.next = self.size = 0  # next index to take; bytes of its journal record
         self.unmet = 0         # dependencies not met yet; -1: all met before a restart
         self.skip = None       # indices >= next cancelled one by one
@@ -1827,15 +1845,12 @@ class QueueEntry:
         return self.cancelled is None and index >= self.next and index not in (self.skip or ())
 
     def record(self):
-        record = dict(self.spec, id=self.key, seq=self.seq, at=self.submitted_at)
-        if self.count is not None:
-            record["array"] = self.count
-        return record
+        return dict(self.spec, id=self.key, seq=self.seq, at=self.submitted_at)
 
     @classmethod
     def from_record(cls, record):
         spec = dict(record)
-        entry = cls(spec.pop("id"), spec.pop("seq"), spec.pop("at"), spec, spec.pop("array", None))
+        entry = cls(spec.pop("id"), spec.pop("seq"), spec.pop("at"), spec)
         entry.next = spec.pop("next", 0)
         entry.skip = set(spec.pop("skip", ())) or None
         entry.cancelled = spec.pop("cancelled", None)
@@ -1944,7 +1959,7 @@ class JobQueue:
         self._waiters = {}   # job id -> [QueueEntry waiting for it to succeed]
         self._busy = {}      # worker_id -> queue jobs started or being started there, not ended
         self._full = set()   # workers that refused a job as full since their last reported end
-        self._calling = set()  # workers with a start or settle call under way
+        self._calling = set()  # workers with a settle call under way
         self._unsettled = {}  # worker_id -> {QueueJob: None} whose start is to be settled
         self._retry_at = {}  # worker_id -> time.monotonic() before which not to settle again
         self._history = deque()  # ended QueueJobs, cancelled or used-up QueueEntries, oldest first
@@ -1986,39 +2001,37 @@ class JobQueue:
     # -- submit --------------------------------------------------------------------------------
 
     def submit(self, specs, dep_states):
-        """Queue parsed specs; dep_states maps dependencies the queue does not know to their
-        state (None: not ended). Answers the job ids, once the specs are on disk."""
+        """Queue parsed specs (JOB_SPEC_FIELDS, kept as they are); dep_states maps dependencies
+        the queue does not know to their state (None: not ended). Answers each spec's key (its
+        job id, or the array's first 24 characters; see job_ids()), once they are on disk."""
         now, call_key = time.time(), str(uuid.uuid4())[:24]
-        entries, job_ids = [], []
-        for k, spec in enumerate(specs):
-            spec = dict(spec)
-            count = spec.pop("array", None)
-            if count is None:
-                entry = QueueEntry("%s%012x" % (call_key, k), 0, now, spec, None)
-                job_ids.append(entry.key)
-            else:
-                entry = QueueEntry(str(uuid.uuid4())[:24], 0, now, spec, count)
-                job_ids.extend(["%s%012x" % (entry.key, i) for i in range(count)])
-            entries.append(entry)
+        keys = [str(uuid.uuid4())[:24] if "array" in spec else "%s%012x" % (call_key, k)
+                for k, spec in enumerate(specs)]
         with self.journal_lock:
-            parts = []
-            for entry in entries:
-                entry.seq, self._seq = self._seq, self._seq + 1
-                parts.append(json.dumps(entry.record(), separators=(",", ":")))
-                entry.size = len(parts[-1]) + 1
+            first, self._seq = self._seq, self._seq + len(specs)
+            line = json.dumps({"b": {"ids": keys, "seq": first, "at": now, "specs": specs}},
+                              separators=(",", ":")) + "\n"
             try:
-                self._write_line('{"s":[%s]}\n' % ",".join(parts), sync=True)
+                self._write_line(line, sync=True)
             except OSError as e:
                 raise Unavailable("cannot write the queue journal in %s: %s"
                                   % (self.state_dir, e.strerror or e))
             with self.lock:
-                for entry in entries:
-                    self._ids[entry.key] = entry
-                    self._entries[entry] = None
-                    self._live_bytes += entry.size
+                for seq, (key, spec) in enumerate(zip(keys, specs), first):
+                    entry = self._add(QueueEntry(key, seq, now, spec), len(line) // len(specs))
                     self._wait_for_dependencies(entry, dep_states)
             self._flush()
-        return job_ids
+        return keys
+
+    def _add(self, entry, size):
+        entry.size = size
+        self._ids[entry.key] = entry
+        self._live_bytes += size
+        if entry.cancelled is not None:
+            self._remember(entry)
+        elif entry.remaining() > 0:
+            self._entries[entry] = None
+        return entry
 
     def _wait_for_dependencies(self, entry, dep_states=None):
         """Count entry's unmet dependencies and wait for them, or cancel it if one failed
@@ -2045,9 +2058,13 @@ class JobQueue:
 
     def _push(self, item):
         entry = item if isinstance(item, QueueEntry) else item.entry
-        heap = self._heaps.setdefault(entry.spec.get("worker_id", ""), [])
+        spec = entry.spec
+        target = spec.get("worker_id", "")
+        heap = self._heaps.get(target)
+        if heap is None:
+            heap = self._heaps[target] = []
         index = -1 if item is entry else item.index  # an entry before its own requeued jobs
-        heapq.heappush(heap, entry.order(index) + (item,))
+        heapq.heappush(heap, (-spec.get("priority", 0), entry.seq, index, item))
 
     # -- lookups (under lock) ------------------------------------------------------------------
 
@@ -2200,8 +2217,8 @@ class JobQueue:
     def plan(self, workers):
         """Hand waiting jobs to free slots: workers is [(worker_id, slots)] of the online ones,
         ties going to the first. Answers ({worker_id: [QueueJob]} to start, {worker_id:
-        [QueueJob]} to settle), after the intents are on disk; each worker named has a call
-        under way until started() is told its outcome."""
+        [QueueJob]} to settle), after the intents are on disk. A worker with jobs to settle
+        gets nothing else until started(..., settle=True) is told how that went."""
         now = time.monotonic()
         starts, settles, free = {}, {}, {}
         with self.journal_lock:
@@ -2233,7 +2250,6 @@ class JobQueue:
                     free[worker_id] -= 1
                     if not free[worker_id]:
                         del free[worker_id]
-                self._calling.update(starts)
                 self._calling.update(settles)
             if starts:
                 try:
@@ -2244,10 +2260,10 @@ class JobQueue:
                     log.error("cannot write dispatch intents to the queue journal: %s", e)
                     with self.lock:
                         for worker_id, jobs in starts.items():
-                            self._calling.discard(worker_id)
                             for job in jobs:
                                 self._requeue(job)
                     starts = {}
+            self._maybe_compact()
         return starts, settles
 
     def _take(self, free):
@@ -2298,14 +2314,15 @@ class JobQueue:
         self._requeued[job] = None
         self._push(job)
 
-    def started(self, worker_id, jobs, answers):
+    def started(self, worker_id, jobs, answers, settle=False):
         """Apply a worker's answers to a start (or settle) call, one per job: its job id (now
         running), a fault struct or JobschedError (fault 3: back in the queue and the worker
         counts as full; fault 2: the job failed with that reason; other faults: unsettled), or
         answers None: the call's outcome is unknown, so every job is unsettled."""
         with self.journal_lock:
             with self.lock:
-                self._calling.discard(worker_id)
+                if settle:
+                    self._calling.discard(worker_id)
                 for job, answer in zip(jobs, answers or [None] * len(jobs)):
                     if job.state != "dispatching":
                         continue  # its end was reported before the answer came
@@ -2345,6 +2362,7 @@ class JobQueue:
                         if item.state == "ended" or worker_id not in (None, item.worker_id) \
                                 or item.state == "queued":
                             continue
+                        struct["worker_id"] = item.worker_id
                         self._end(item, tuple(struct.get(key) for key in OUTCOME_KEYS))
                     elif job_id not in self._ended_elsewhere:
                         self._ended_elsewhere[job_id] = sys.intern(state)
@@ -2474,7 +2492,7 @@ class JobQueue:
         found again after a crash from the intents, the workers and the dependencies."""
         pending, self._pending = self._pending, {}
         if not pending:
-            return
+            return self._maybe_compact()
         try:
             self._write_line("".join(json.dumps({kind: items}, separators=(",", ":")) + "\n"
                                      for kind, items in pending.items()), sync)
@@ -2483,6 +2501,7 @@ class JobQueue:
                 raise Unavailable("cannot write the queue journal in %s: %s"
                                   % (self.state_dir, e.strerror or e))
             log.error("cannot append to the queue journal: %s", e)
+        self._maybe_compact()
 
     def _write_line(self, text, sync):
         if self._journal is None:
@@ -2498,9 +2517,13 @@ class JobQueue:
             os.ftruncate(self._journal, self._journal_bytes)  # no half line before the next
             raise
         self._journal_bytes += len(data)
+
+    def _maybe_compact(self):
+        """Rewrite the journal if it is past 4x what is live (under journal_lock, once memory
+        holds every change the journal does)."""
         with self.lock:
             live = self._live_bytes
-        if self._journal_bytes > 4 * max(live, COMPACT_MIN_BYTES):
+        if self._journal is not None and self._journal_bytes > 4 * max(live, COMPACT_MIN_BYTES):
             self._compact()
 
     def _compact(self):
@@ -2553,7 +2576,7 @@ class JobQueue:
                  len(data), len(entries), len(jobs))
 
     def _load(self):
-        """Replay the journal, settle what it implies, rewrite it."""
+        """Replay the journal; rewrite it if it is 4x what is live."""
         path, good = self._path(), 0
         try:
             with open(path, "rb") as f:
@@ -2573,11 +2596,13 @@ class JobQueue:
         except FileNotFoundError:
             pass
         self._journal = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.ftruncate(self._journal, good)
+        os.ftruncate(self._journal, good)  # a line cut short is no line: the next starts clean
+        self._journal_bytes = good
         with self.lock:
             for item in list(self._ids.values()):
                 if not isinstance(item, QueueJob):
                     continue
+                self._live_bytes += item.entry.size + JOB_RECORD_BYTES
                 if item.state in ("dispatching", "unsettled", "running"):
                     self._busy[item.worker_id] = self._busy.get(item.worker_id, 0) + 1
                 if item.state in ("dispatching", "unsettled"):
@@ -2588,9 +2613,11 @@ class JobQueue:
                     self._push(item)
             for entry in list(self._entries):
                 self._wait_for_dependencies(entry)
+            live = self._live_bytes
         with self.journal_lock:
-            self._pending = {}  # the rewrite has it all
-            self._compact()
+            self._pending = {}  # what follows from the journal is found again at each start
+            if self._journal_bytes > 4 * max(live, COMPACT_MIN_BYTES):
+                self._compact()
         with self.lock:
             waiting = sum(entry.remaining() for entry in self._entries) + len(self._requeued)
             unsettled = sum(map(len, self._unsettled.values()))
@@ -2599,17 +2626,14 @@ class JobQueue:
 
     def _replay(self, record, size):
         """Apply one journal line to memory (at start-up, before anything else runs)."""
-        for spec in record.get("s", ()):
-            entry = QueueEntry.from_record(spec)
-            entry.size = size // len(record["s"])
+        batch = record.get("b")
+        entries = [QueueEntry(key, seq, batch["at"], spec) for seq, (key, spec) in enumerate(
+            zip(batch["ids"], batch["specs"]), batch["seq"])] if batch else []
+        entries += [QueueEntry.from_record(spec) for spec in record.get("s", ())]
+        for entry in entries:
             self._seq = max(self._seq, entry.seq + 1)
-            if entry.key in self._ids:
-                continue
-            self._ids[entry.key] = entry
-            if entry.cancelled is not None:
-                self._remember(entry)
-            elif entry.remaining() > 0:
-                self._entries[entry] = None
+            if entry.key not in self._ids:
+                self._add(entry, size // len(entries))
         spent = {}
         for job_id, spec, index, state, worker_id, outcome in record.get("j", ()):
             entry = self._ids.get(spec["id"])
@@ -2697,25 +2721,25 @@ class Scheduler(_Role):
         self._closed = threading.Event()
         self._dispatch_wanted = threading.Event()  # wakes the dispatcher thread
         self._asking = threading.Lock()  # held while dependencies are asked of the workers
-        self.queue = JobQueue(state_dir)
+        self.server = RPCServer(listen, self.security, {
+            "register": self.register, "deregister": self.deregister,
+            "heartbeat": self.heartbeat, "start": self.start, "stop": self.stop,
+            "query": functools.partial(self.query, relay=True),
+            "output": functools.partial(self.output, relay=True),
+            "jobs": self.jobs,
+            "workers": self.workers, "info": self.info,
+            "submit": lambda jobs: dumps_id_array(expand_job_ids(*self._submit(jobs), form=ID_ITEM)),
+            "wait": self.wait, "job_ended": self.job_ended,
+        }, json_routes={
+            ("POST", "/start"): self._json_start, ("POST", "/stop"): self._json_stop,
+            ("POST", "/query"): self._json_query, ("POST", "/submit"): self._json_submit,
+            ("GET", "/workers"): lambda request: (200, {"workers": self.workers()}),
+            ("GET", "/jobs"): lambda request: (200, {"jobs": self.jobs()}),
+        }, max_request=max_request, read_timeout=read_timeout)
         try:
-            self.server = RPCServer(listen, self.security, {
-                "register": self.register, "deregister": self.deregister,
-                "heartbeat": self.heartbeat, "start": self.start, "stop": self.stop,
-                "query": functools.partial(self.query, relay=True),
-                "output": functools.partial(self.output, relay=True),
-                "jobs": self.jobs,
-                "workers": self.workers, "info": self.info,
-                "submit": lambda jobs: dumps_id_array(self.submit(jobs)),
-                "wait": self.wait, "job_ended": self.job_ended,
-            }, json_routes={
-                ("POST", "/start"): self._json_start, ("POST", "/stop"): self._json_stop,
-                ("POST", "/query"): self._json_query, ("POST", "/submit"): self._json_submit,
-                ("GET", "/workers"): lambda request: (200, {"workers": self.workers()}),
-                ("GET", "/jobs"): lambda request: (200, {"jobs": self.jobs()}),
-            }, max_request=max_request, read_timeout=read_timeout)
+            self.queue = JobQueue(state_dir)
         except BaseException:
-            self.queue.close()
+            self.server.server_close()
             raise
         self._threads = []
 
@@ -3043,6 +3067,10 @@ class Scheduler(_Role):
         """Queue jobs: ``jobs`` is an array of specs (see JOB_SPEC_FIELDS); answers their job
         ids in order, once they are on disk. All or nothing: a bad spec is fault 2 naming it,
         an unknown job in ``after`` or an unknown ``worker_id`` fault 1."""
+        return expand_job_ids(*self._submit(jobs))
+
+    def _submit(self, jobs):
+        """submit(), answering JobQueue.submit()'s keys and the specs they stand for."""
         if not isinstance(jobs, list):
             raise BadRequest("jobs must be an array of job specs")
         specs = [parse_job_spec(spec, "jobs[%d]" % i) for i, spec in enumerate(jobs)]
@@ -3064,12 +3092,12 @@ class Scheduler(_Role):
                     message = "unknown job %s" % dep if isinstance(e, NotFound) else str(e)
                     raise type(e)("jobs[%d].after: %s" % (i, message))
                 dep_states[dep] = struct["state"] if struct.get("done") else None
-        job_ids = self.queue.submit(specs, dep_states)
+        keys = self.queue.submit(specs, dep_states)
         self._dispatch_wanted.set()
-        return job_ids
+        return keys, specs
 
     def job_ended(self, worker_id, jobs):
-        """A worker's report of jobs that ended (their structs), sent at once: the scheduler
+        """A worker's report of jobs that ended (their structs, or JOB_END_KEYS of them), sent at once: the scheduler
         starts queued jobs in the freed slots and settles what waits on them; true."""
         want_str(worker_id, "worker_id", limit=256)
         if not isinstance(jobs, list):
@@ -3099,9 +3127,9 @@ class Scheduler(_Role):
 
     def _dispatch_loop(self):
         """Hand queued jobs to free slots whenever one may have freed: woken by submit,
-        job_ended, register, heartbeat and each finished call, else once a second. Each
-        worker's call runs in a thread of its own, one at a time, so a slow worker holds up
-        no other."""
+        job_ended, register, heartbeat and each finished call, else once a second. Each call
+        to a worker runs in a thread of its own (at most one per free slot), so a slow worker
+        holds up no other and a worker starts several batches at once."""
         turn = 0
         while True:
             self._dispatch_wanted.wait(1.0)
@@ -3158,7 +3186,7 @@ class Scheduler(_Role):
         except Exception:
             log.exception("internal error while starting jobs on worker %s", worker_id)
         finally:
-            self.queue.started(worker_id, jobs, answers)
+            self.queue.started(worker_id, jobs, answers, settle)
             self._dispatch_wanted.set()
 
     def _ask_dependencies(self):
@@ -3227,7 +3255,8 @@ class Client(RPCClient):
 
     def submit(self, jobs):
         """Scheduler: queue job specs; their job ids, in order."""
-        reply = self.call("submit", jobs, relay=True)
+        # The scheduler parses about 20000 specs a second, and more on a fast machine.
+        reply = self.call("submit", jobs, relay=True, timeout=self.timeout + len(jobs) / 5000.0)
         job_ids = parse_id_array(reply)
         if job_ids is None:  # a fault, or another server's way of writing the array
             try:

@@ -95,8 +95,16 @@ class ClusterTestCase(unittest.TestCase):
         return wait_until(lambda: (lambda j: j if j["done"] else None)(client.query(job_id)),
                           timeout=timeout, message="job %s to finish" % job_id)
 
+    def with_state_dir(self, args):
+        """A scheduler's arguments with a state dir of its own: schedulers started by tests
+        must not share (and lock) the default one."""
+        if args and args[0] == "scheduler" and "--state-dir" not in args:
+            return list(args) + ["--state-dir", self.tempdir()]
+        return list(args)
+
     def cli(self, *args, env=None, timeout=30, input=None):
         """Run `python jobsched.py ARGS` as a user would; returns CompletedProcess (bytes)."""
+        args = self.with_state_dir(args)
         full_env = dict(os.environ)
         full_env.pop("JOBSCHED_TOKEN", None)
         full_env.update(env or {})
@@ -108,7 +116,8 @@ class ClusterTestCase(unittest.TestCase):
         """Start a long-running role (scheduler/worker) as a real process; returns (proc, address).
 
         The address is read from its 'listening on HOST:PORT' line; its log (stderr) goes to
-        the file proc.log_path."""
+        the file proc.log_path. A scheduler gets a state dir of its own unless args give one."""
+        args = self.with_state_dir(args)
         full_env = dict(os.environ)
         full_env.update(env or {})
         log_path = os.path.join(self.tempdir(), "stderr.log")
