@@ -2454,12 +2454,8 @@ class JobQueue:
                     self._cancel_entry(entry, "cancelled")
                     self._resolve(job_id, "cancelled")
                 else:
-                    entry.skip = entry.skip or set()
-                    entry.skip.add(index)
-                    if entry.remaining() == 0:
-                        self._used_up(entry)
+                    self._cancel_element(entry, index)
                     self._note("x", [job_id, "cancelled"])
-                    self._ends += 1
                     self._resolve(job_id, "cancelled")
                 self.changed.notify_all()
             self._flush(sync=True)
@@ -2470,6 +2466,20 @@ class JobQueue:
         an end report may have been lost)."""
         with self.lock:
             self._full.discard(worker_id)
+
+    def _cancel_element(self, entry, index):
+        """Cancel one job of an array before it is taken (under lock). It becomes an ended
+        QueueJob, which answers for it once the array is used up."""
+        job = QueueJob(entry.job_id(index), entry, index, "ended", None,
+                       ("cancelled", "cancelled") + (None,) * 7)
+        self._ids[job.job_id] = job
+        self._live_bytes += entry.size + JOB_RECORD_BYTES
+        self._remember(job)
+        entry.skip = entry.skip or set()
+        entry.skip.add(index)
+        if entry.remaining() == 0:
+            self._used_up(entry)
+        self._ends += 1
 
     def dependencies_to_ask(self):
         with self.lock:
@@ -2668,11 +2678,7 @@ class JobQueue:
                 continue
             found = self._find(key)
             if found is not None and found[2] is None and found[0].waits(found[1]):
-                entry = found[0]
-                entry.skip = entry.skip or set()
-                entry.skip.add(found[1])
-                if entry.remaining() == 0:
-                    self._used_up(entry)
+                self._cancel_element(found[0], found[1])
 
     def _replay_state(self, job_id, state, worker_id=None):
         """Move a job to state, making it from its entry if need be; never back from ended."""
