@@ -109,9 +109,9 @@ class ClusterTestCase(unittest.TestCase):
         full_env = dict(os.environ)
         full_env.pop("JOBSCHED_TOKEN", None)
         full_env.update(env or {})
+        stdin = {"stdin": subprocess.DEVNULL} if input is None else {"input": input}  # 3.6: not both
         return subprocess.run([sys.executable, JOBSCHED] + list(args), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=full_env, timeout=timeout,
-                              stdin=subprocess.DEVNULL if input is None else None, input=input)
+                              stderr=subprocess.PIPE, env=full_env, timeout=timeout, **stdin)
 
     def spawn(self, *args, env=None):
         """Start a long-running role (scheduler/worker) as a real process; returns (proc, address).
