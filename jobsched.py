@@ -23,6 +23,7 @@ import heapq
 import hmac
 import http.client
 import inspect
+import itertools
 import ipaddress
 import json
 import logging
@@ -162,8 +163,16 @@ _ID_ITEM = re.compile("<value><string>([0-9a-f-]{36})</string></value>\n")
 
 def dumps_id_array(items):
     """dumps_response() of an array of job ids given as its items (ID_ITEM % job_id), ten times
-    faster for the 10000 ids a submit may answer (canonical UUIDs: nothing to escape)."""
-    return _RelayedReply(_ID_ARRAY_HEAD + "".join(items).encode("ascii") + _ID_ARRAY_TAIL)
+    faster for the 10000 ids a submit may answer (canonical UUIDs: nothing to escape). items
+    is taken a thousand at a time, so 100000 of them are never all in memory."""
+    items, parts = iter(items), [_ID_ARRAY_HEAD]
+    while True:
+        chunk = "".join(itertools.islice(items, 1000))
+        if not chunk:
+            break
+        parts.append(chunk.encode("ascii"))
+    parts.append(_ID_ARRAY_TAIL)
+    return _RelayedReply(b"".join(parts))
 
 
 def parse_id_array(body):
@@ -191,13 +200,18 @@ def bounded_int(text):
 
 
 class _Unmarshaller(xmlrpc.client.Unmarshaller):
-    """xmlrpc.client's, with integers parsed by bounded_int."""
+    """xmlrpc.client's, with integers parsed by bounded_int and struct member names interned."""
 
     def end_int(self, data):
         self.append(bounded_int(data))
         self._value = 0
+
+    def end_name(self, data):
+        xmlrpc.client.Unmarshaller.end_string(self, data)
+        self._stack[-1] = sys.intern(self._stack[-1])  # 100000 structs share their member names
     dispatch = dict(xmlrpc.client.Unmarshaller.dispatch)
     dispatch.update(dict.fromkeys(("i1", "i2", "i4", "i8", "int", "biginteger"), end_int))
+    dispatch["name"] = end_name
 
 
 def loads_request(body):
@@ -281,7 +295,9 @@ def want_job_id(value, name="job_id"):
 def want_args(args, name="args"):
     if not isinstance(args, list) or len(args) > 4096:
         raise BadRequest("%s must be a list of at most 4096 strings" % name)
-    return [want_str(a, "%s[%d]" % (name, i), limit=65536) for i, a in enumerate(args)]
+    for i, arg in enumerate(args):
+        want_str(arg, "%s[%d]" % (name, i), limit=65536)
+    return args
 
 
 def want_env(env, name="env"):
@@ -1789,28 +1805,33 @@ JOB_SPEC_FIELDS = {
 
 
 def expand_job_ids(keys, specs, form="%s"):
-    """form % job_id of each job of specs, given the keys JobQueue.submit() answered for them:
-    one for a spec, one per index for an array, in order."""
-    items = []
+    """Yield form % job_id for each job of specs, given the keys JobQueue.submit() answered
+    for them: one for a spec, one per index for an array, in order."""
     for key, spec in zip(keys, specs):
         if "array" in spec:
             template = form % (key + "%012x")
-            items += [template % index for index in range(spec["array"])]
+            for index in range(spec["array"]):
+                yield template % index
         else:
-            items.append(form % key)
-    return items
+            yield form % key
 
 
 def parse_job_spec(spec, name):
-    """Check one submit() spec against JOB_SPEC_FIELDS: a dict of the fields it gives."""
+    """Check one submit() spec against JOB_SPEC_FIELDS; answers it, its values made canonical
+    in place (the queue keeps the request's own dicts: 100000 specs are 30 MB)."""
     spec = want_struct(spec, name)
-    for key in spec:
-        if key not in JOB_SPEC_FIELDS:
+    for key, value in spec.items():
+        check = JOB_SPEC_FIELDS.get(key)
+        if check is None:
             raise BadRequest("%s: unknown field %s (known: %s)"
                              % (name, _short(key), ", ".join(JOB_SPEC_FIELDS)))
+        checked = check(value, "%s.%s" % (name, key))
+        if checked is not value:
+            spec[key] = checked
     if "command" not in spec:
         raise BadRequest("%s.command is required" % name)
-    return {key: JOB_SPEC_FIELDS[key](value, "%s.%s" % (name, key)) for key, value in spec.items()}
+    spec["command"] = sys.intern(spec["command"])  # the same command, many times over
+    return spec
 
 
 class QueueEntry:
@@ -1960,7 +1981,8 @@ class JobQueue:
         self._busy = {}      # worker_id -> queue jobs started or being started there, not ended
         self._full = set()   # workers that refused a job as full since their last reported end
         self._calling = set()  # workers with a settle call under way
-        self._unsettled = {}  # worker_id -> {QueueJob: None} whose start is to be settled
+        self._unsettled = {}  # worker_id -> {QueueJob: None} to ask it about: a start whose
+        #                       outcome is not known, or a running job after it registered
         self._retry_at = {}  # worker_id -> time.monotonic() before which not to settle again
         self._history = deque()  # ended QueueJobs, cancelled or used-up QueueEntries, oldest first
         self._ended_elsewhere = {}  # job id -> state of an ended job not from the queue
@@ -2143,7 +2165,7 @@ class JobQueue:
 
     def listing(self, online=()):
         """(structs of the waiting jobs in queue order, {job_id: extras} of the queue's jobs
-        on workers, structs of the ended ones that no worker may list)."""
+        that reached a worker, structs of the ended ones, for those no worker lists)."""
         with self.lock:
             waiting = [(entry.order(i), entry, i, None) for entry in self._entries
                        for i in range(entry.next, entry.count or 1) if entry.waits(i)]
@@ -2155,17 +2177,17 @@ class JobQueue:
                 struct = entry.struct(entry.job_id(index), "queued")
                 struct.update(position=position, reason=self._reason(entry, online))
                 structs.append(struct)
-            on_workers, ended = {}, []
+            extras, ended = {}, []
             for item in self._history:
                 if isinstance(item, QueueJob):
                     ended.append(item.ended_struct())
                 elif item.cancelled is not None:
                     ended += [item.struct(item.job_id(i), "cancelled", item.cancelled)
                               for i in range(item.count or 1)]
-            for item in list(self._ids.values()):
-                if isinstance(item, QueueJob) and item.state in ("dispatching", "unsettled", "running"):
-                    on_workers[item.job_id] = item.entry.extras()
-        return structs, on_workers, ended
+            for item in self._ids.values():
+                if isinstance(item, QueueJob) and item.state != "queued":
+                    extras[item.job_id] = item.entry.extras()
+        return structs, extras, ended
 
     def wait_to_start(self, job_id, deadline):
         """Wait until the queue's job job_id is on a worker (answers its worker_id), has ended
@@ -2232,7 +2254,8 @@ class JobQueue:
                             jobs = list(unsettled)[:MAX_START_BATCH]
                             for job in jobs:
                                 del unsettled[job]
-                                job.state = "dispatching"
+                                if job.state == "unsettled":
+                                    job.state = "dispatching"
                             if not unsettled:
                                 del self._unsettled[worker_id]
                             settles[worker_id] = jobs
@@ -2324,6 +2347,9 @@ class JobQueue:
                 if settle:
                     self._calling.discard(worker_id)
                 for job, answer in zip(jobs, answers or [None] * len(jobs)):
+                    if job.state == "running" and settle and answer is None:  # not checked
+                        self._unsettled.setdefault(worker_id, {})[job] = None
+                        self._retry_at[worker_id] = time.monotonic() + 1.0
                     if job.state != "dispatching":
                         continue  # its end was reported before the answer came
                     if isinstance(answer, dict):
@@ -2460,6 +2486,16 @@ class JobQueue:
                 self.changed.notify_all()
             self._flush(sync=True)
         return True
+
+    def recheck(self, worker_id):
+        """worker_id registered (it, or the scheduler, restarted): ask it about the queue's
+        jobs it runs before starting more there; one it no longer knows is lost."""
+        with self.lock:
+            for item in list(self._ids.values()):
+                if isinstance(item, QueueJob) and item.worker_id == worker_id and (
+                        item.state == "running"):
+                    self._unsettled.setdefault(worker_id, {})[item] = None
+            self._retry_at.pop(worker_id, None)
 
     def try_again(self, worker_id):
         """Offer worker_id jobs again although it refused one as full (its heartbeat came:
@@ -2822,6 +2858,7 @@ class Scheduler(_Role):
         if old_client is not None and old_client is not rec.client:
             old_client.close()
         log.info("worker %s registered at %s", worker_id, address)
+        self.queue.recheck(worker_id)
         self._dispatch_wanted.set()
         return worker_id
 
@@ -3073,7 +3110,7 @@ class Scheduler(_Role):
         """Queue jobs: ``jobs`` is an array of specs (see JOB_SPEC_FIELDS); answers their job
         ids in order, once they are on disk. All or nothing: a bad spec is fault 2 naming it,
         an unknown job in ``after`` or an unknown ``worker_id`` fault 1."""
-        return expand_job_ids(*self._submit(jobs))
+        return list(expand_job_ids(*self._submit(jobs)))
 
     def _submit(self, jobs):
         """submit(), answering JobQueue.submit()'s keys and the specs they stand for."""
@@ -3171,7 +3208,11 @@ class Scheduler(_Role):
                     try:
                         struct = client.call("query", job.job_id)
                     except NotFound:
-                        to_start.append(i)  # never started there: start it, with the same id
+                        if job.state == "running":  # its worker lost it (a new state dir?)
+                            ended.append({"job_id": job.job_id, "state": "lost", "error_text":
+                                          "lost: worker %s no longer knows the job" % worker_id})
+                        else:
+                            to_start.append(i)  # never started there: start it, same id
                         continue
                     except Unavailable:
                         continue  # still unknown

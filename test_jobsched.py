@@ -2681,6 +2681,28 @@ class QueueProcessTest(ClusterTestCase):
         self.assert_each_ran_once(out, markers)
         self.assertEqual({self.wait_done(client, job_id)["state"] for job_id in ids}, {"succeeded"})
 
+    def test_a_restarted_worker_has_its_queue_jobs_end_lost(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        client = self.client(scheduler)
+        state_dir = self.tempdir()
+        proc, _ = self.spawn(*worker_args(scheduler.address, state_dir, "--slots", "1"))
+        wait_until(lambda: client.workers(), message="the worker to register")
+        long_job, short_job = client.submit([{"command": "sleep", "args": ["300"]}, {"command": "true"}])
+        wait_until(lambda: client.query(long_job)["state"] == "running", message="the job to run")
+        self.assertEqual(client.query(short_job)["state"], "queued")
+        proc.kill()
+        proc.wait(timeout=10)
+        proc, _ = self.spawn(*worker_args(scheduler.address, state_dir, "--slots", "1"))
+        self.addCleanup(proc.terminate)
+        # wait() answers from the queue; a query may meet the dead worker's address meanwhile
+        wait_until(lambda: client.wait([long_job], 5), message="the job to end")
+        job = client.query(long_job)
+        self.assertEqual((job["state"], job["error_text"]),
+                         ("lost", "lost: the worker restarted while the job was running"))
+        self.assertEqual(self.wait_done(client, short_job)["state"], "succeeded")
+        self.assertEqual(client.wait([long_job, short_job], 1),
+                         [{"job_id": long_job, "state": "lost"}, {"job_id": short_job, "state": "succeeded"}])
+
     def test_submit_wait_and_jobs_state_from_the_command_line(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
         worker = self.worker(scheduler, slots=1)
