@@ -155,7 +155,8 @@ class _RelayedReply(bytes):
     """A peer's whole XML-RPC reply, passed on unparsed (the scheduler relaying output)."""
 
 
-_ID_ARRAY_HEAD = b"<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n<value><array><data>\n"
+_ID_ARRAY_HEAD = (b"<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n"
+                  b"<value><array><data>\n")
 _ID_ARRAY_TAIL = b"</data></array></value>\n</param>\n</params>\n</methodResponse>\n"
 ID_ITEM = "<value><string>%s</string></value>\n"
 _ID_ITEM = re.compile("<value><string>([0-9a-f-]{36})</string></value>\n")
@@ -1899,13 +1900,16 @@ class QueueEntry:
     def struct(self, job_id, state, error_text=""):
         struct = {"job_id": job_id, "worker_id": self.spec.get("worker_id", ""),
                   "command": self.spec["command"], "path": self.spec.get("path", ""),
-                  "args": list(self.spec.get("args", ())), "after": list(self.spec.get("after", ())),
+                  "args": list(self.spec.get("args", ())),
+                  "after": list(self.spec.get("after", ())),
                   "state": state, "done": state != "queued", "error": bool(error_text),
                   "error_text": error_text}
         struct.update(self.extras())
         return struct
 
 
+#: the states a job ends in
+JOB_END_STATES = ("succeeded", "failed", "stopped", "timeout", "lost", "cancelled")
 #: what the scheduler keeps of an ended job, in this order
 OUTCOME_KEYS = ("state", "error_text", "worker_id", "exit_code", "signal", "pid", "started_at",
                 "finished_at", "output_bytes")
@@ -2381,7 +2385,7 @@ class JobQueue:
                 self._full.discard(worker_id)
                 for struct in structs:
                     job_id, state = struct.get("job_id"), struct.get("state")
-                    if not isinstance(job_id, str) or not isinstance(state, str) or state == "running":
+                    if not isinstance(job_id, str) or state not in JOB_END_STATES:
                         continue
                     item = self._ids.get(job_id)
                     if isinstance(item, QueueJob):
@@ -2430,7 +2434,8 @@ class JobQueue:
                         self._note("m", entry.key)
                         self._push(entry)
                     continue
-                ended += self._cancel_entry(entry, "cancelled: dependency %s ended %s" % (dep, state))
+                reason = "cancelled: dependency %s ended %s" % (dep, state)
+                ended += self._cancel_entry(entry, reason)
 
     def _cancel_entry(self, entry, reason):
         """Cancel every job entry has left (under lock; it has not started any); answers
@@ -2748,9 +2753,9 @@ class Scheduler(_Role):
     in memory only. Workers register again after a restart; jobs it does not know are asked of
     the online workers in parallel."""
 
-    def __init__(self, listen=DEFAULT_SCHEDULER, rpc_timeout=10.0, max_request=SCHEDULER_MAX_REQUEST,
-                 read_timeout=30.0, token=None, tls_cert=None, tls_key=None, tls_ca=None,
-                 insecure=False, security=None, state_dir=None):
+    def __init__(self, listen=DEFAULT_SCHEDULER, rpc_timeout=10.0,
+                 max_request=SCHEDULER_MAX_REQUEST, read_timeout=30.0, token=None, tls_cert=None,
+                 tls_key=None, tls_ca=None, insecure=False, security=None, state_dir=None):
         self.security = security or Security(token, tls_cert, tls_key, tls_ca, insecure)
         self.rpc_timeout = rpc_timeout
         self.workers_lock = threading.Lock()
@@ -2762,7 +2767,8 @@ class Scheduler(_Role):
         self._round_robin = 0
         self._closed = threading.Event()
         self._dispatch_wanted = threading.Event()  # wakes the dispatcher thread
-        self._asking = threading.Lock()  # held while dependencies are asked of the workers
+        #: held by the one thread asking the workers how lost dependencies ended
+        self._asking = threading.Lock()
         self.server = RPCServer(listen, self.security, {
             "register": self.register, "deregister": self.deregister,
             "heartbeat": self.heartbeat, "start": self.start, "stop": self.stop,
@@ -2770,7 +2776,7 @@ class Scheduler(_Role):
             "output": functools.partial(self.output, relay=True),
             "jobs": self.jobs,
             "workers": self.workers, "info": self.info,
-            "submit": lambda jobs: dumps_id_array(expand_job_ids(*self._submit(jobs), form=ID_ITEM)),
+            "submit": lambda jobs: dumps_id_array(expand_job_ids(*self._submit(jobs), ID_ITEM)),
             "wait": self.wait, "job_ended": self.job_ended,
         }, json_routes={
             ("POST", "/start"): self._json_start, ("POST", "/stop"): self._json_stop,
@@ -3037,19 +3043,20 @@ class Scheduler(_Role):
             if where is True:
                 return True
             if where is not _STARTING:
-                rec = self._online_worker(self._worker(where))
-                return rec.client.call("stop", job_id, timeout=self.rpc_timeout + rec.stop_grace + 1)
+                ids = (where, job_id)
+                break
             if self.queue.wait_to_start(job_id, min(deadline, time.monotonic() + 0.1)) == "queued" \
                     and time.monotonic() >= deadline:
-                raise Unavailable("job %s is being started on a worker that does not answer" % job_id)
+                raise Unavailable("job %s is being started on a worker that does not answer"
+                                  % job_id)
         rec, job_id = self._route(ids)
         return rec.client.call("stop", job_id, timeout=self.rpc_timeout + rec.stop_grace + 1)
 
     def query(self, *ids, relay=False):
         """query(job_id) or query(worker_id, job_id): the job's struct (the RPC relays a
         worker's reply unparsed; a queue job's gains submitted_at, name and priority)."""
-        found = self.queue.describe(ids[-1], self._online_ids()) if ids and isinstance(
-            ids[-1], str) else None
+        queued = ids and isinstance(ids[-1], str) and self.queue.knows(ids[-1])
+        found = self.queue.describe(ids[-1], self._online_ids()) if queued else None
         if found is None:
             rec, job_id = self._route(ids)
             return rec.client.call("query", job_id, relay=relay)
@@ -3124,7 +3131,8 @@ class Scheduler(_Role):
         dep_states = {}
         for i, spec in enumerate(specs):
             if spec.get("worker_id") and spec["worker_id"] not in known_workers:
-                raise NotFound("jobs[%d].worker_id: worker not found: %s" % (i, _short(spec["worker_id"])))
+                raise NotFound("jobs[%d].worker_id: worker not found: %s"
+                               % (i, _short(spec["worker_id"])))
             for dep in spec.get("after", ()):
                 if dep in dep_states or self.queue.knows(dep):
                     continue
@@ -3140,12 +3148,14 @@ class Scheduler(_Role):
         return keys, specs
 
     def job_ended(self, worker_id, jobs):
-        """A worker's report of jobs that ended (their structs, or JOB_END_KEYS of them), sent at once: the scheduler
-        starts queued jobs in the freed slots and settles what waits on them; true."""
+        """A worker's report of jobs that ended (their structs, or JOB_END_KEYS of them), sent
+        at once: the scheduler starts queued jobs in the freed slots and settles what waits on
+        them; true."""
         want_str(worker_id, "worker_id", limit=256)
         if not isinstance(jobs, list):
             raise BadRequest("jobs must be an array of job structs")
-        self.queue.jobs_ended(worker_id, [want_struct(job, "jobs[%d]" % i) for i, job in enumerate(jobs)])
+        self.queue.jobs_ended(worker_id, [want_struct(job, "jobs[%d]" % i)
+                                          for i, job in enumerate(jobs)])
         self._dispatch_wanted.set()
         return True
 
@@ -3156,7 +3166,8 @@ class Scheduler(_Role):
             raise BadRequest("job_ids must be an array of at most %d job ids" % MAX_SUBMIT_JOBS)
         for i, job_id in enumerate(job_ids):
             want_str(job_id, "job_ids[%d]" % i, limit=256, empty=False)
-        deadline = time.monotonic() + min(want_number(wait_seconds, "wait_seconds"), MAX_WAIT_SECONDS)
+        wait = min(want_number(wait_seconds, "wait_seconds"), MAX_WAIT_SECONDS)
+        deadline = time.monotonic() + wait
         ended = []
         for job_id in job_ids:
             if not self.queue.knows(job_id):  # started without the queue: ask its worker
@@ -3182,15 +3193,17 @@ class Scheduler(_Role):
             try:
                 now, turn = time.time(), turn + 1
                 with self.workers_lock:
-                    online = [rec for rec in self._workers.values()
-                              if rec.online(now) and rec.client is not None]
-                    online = online[turn % len(online):] + online[:turn % len(online)] if online else []
-                    workers = [(rec.worker_id, rec.slots, rec.client) for rec in online]
-                starts, settles = self.queue.plan([(worker_id, slots) for worker_id, slots, _ in workers])
+                    workers = [(rec.worker_id, rec.slots, rec.client)
+                               for rec in self._workers.values()
+                               if rec.online(now) and rec.client is not None]
+                first = turn % len(workers) if workers else 0
+                workers = workers[first:] + workers[:first]  # ties go round
+                starts, settles = self.queue.plan([worker[:2] for worker in workers])
                 for worker_id, _, client in workers:
-                    for jobs, settle in ((starts.get(worker_id), False), (settles.get(worker_id), True)):
-                        if jobs:
-                            _thread.start_new_thread(self._call_worker, (worker_id, client, jobs, settle))
+                    for calls, settle in ((starts, False), (settles, True)):
+                        if worker_id in calls:
+                            _thread.start_new_thread(self._call_worker, (
+                                worker_id, client, calls[worker_id], settle))
                 if self.queue.dependencies_to_ask() and self._asking.acquire(blocking=False):
                     _thread.start_new_thread(self._ask_dependencies, ())
             except Exception:
@@ -3464,12 +3477,10 @@ def _queue_spec(args, words):
     """The submit() spec of one command line (words), with the job options given."""
     spec = _start_options(args)
     spec.update(command=words[0], args=words[1:])
-    for key, value in (("path", args.path), ("worker_id", args.worker),
-                       ("name", getattr(args, "name", None)), ("priority", getattr(args, "priority", 0)),
-                       ("after", getattr(args, "after", None)), ("array", getattr(args, "array", None))):
-        if value:
-            spec[key] = value
-    return spec
+    spec.update(path=args.path, worker_id=args.worker)
+    for key in ("name", "priority", "after", "array"):  # run has none of these
+        spec[key] = getattr(args, key, None)
+    return {key: value for key, value in spec.items() if value}
 
 
 def _submit_from_args(client, args):
@@ -3479,8 +3490,8 @@ def _submit_from_args(client, args):
     (job_id,) = client.submit([_queue_spec(args, args.command)])
     job = client.query(job_id)
     if job["state"] == "queued" and job.get("position", 0) >= 1:
-        print("jobsched: job %s queued (position %d: %s)" % (job_id, job["position"], job["reason"]),
-              file=sys.stderr, flush=True)
+        print("jobsched: job %s queued (position %d: %s)"
+              % (job_id, job["position"], job["reason"]), file=sys.stderr, flush=True)
     return job_id
 
 
@@ -3527,7 +3538,8 @@ def cmd_submit(args):
 
 def cmd_wait(args):
     client = _client_from_args(args)
-    pending = dict.fromkeys(args.job_id or [job["job_id"] for job in client.jobs() if not job["done"]])
+    pending = dict.fromkeys(args.job_id or [job["job_id"] for job in client.jobs()
+                                            if not job["done"]])
     status = 0
     while pending:
         for ended in client.wait(list(pending), 30):
@@ -3766,7 +3778,8 @@ def build_parser():
     sub = command("submit", "queue jobs and print their ids, one a line", cmd_submit)
     sub.add_argument("--name", help="free text for people")
     sub.add_argument("--priority", type=int, default=0,
-                     help="higher starts first; equal ones in submission order (default: %(default)s)")
+                     help="higher starts first, equal ones in submission order "
+                          "(default: %(default)s)")
     sub.add_argument("--after", metavar="JOB_ID", action="append", default=[],
                      help="start only once this job has succeeded (repeatable)")
     sub.add_argument("--array", metavar="N", type=_positive(int),
