@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark jobsched against the primitives it is built from and against the Go seed.
 
-    python3 examples/bench.py            # full run (about 2-3 minutes)
-    python3 examples/bench.py --quick    # smaller counts, every figure, under 30 s
+    python3 examples/bench.py            # full run (about 3-4 minutes)
+    python3 examples/bench.py --quick    # smaller counts, every figure, about a minute
     python3 examples/bench.py --json     # one JSON object; ``figures`` maps names to numbers
     python3 examples/bench.py --dir DIR  # put the workers' state dirs in DIR
 
@@ -53,7 +53,7 @@ FULL = {"floor": 1000, "seq": 1000, "threads_n": 4000, "query": 2000, "follow_li
 QUICK = {"floor": 200, "seq": 300, "threads_n": 600, "query": 300, "follow_lines": 40,
          "follow_cpu_seconds": 2.0, "logs_bytes": 40 * MiB, "sleep_jobs": 1000,
          "known_jobs": 20000, "sim_workers": 1000, "scale_n": 250, "tls_n": 200,
-         "queue_true": 2000, "latency_jobs": 96, "queued": 20000}
+         "queue_true": 1000, "latency_jobs": 64, "queued": 10000}
 
 FIGURES = (
     "floor_popen_launch_p50_ms", "floor_rtt_keepalive_p50_ms", "floor_rtt_new_conn_p50_ms",
@@ -891,7 +891,7 @@ def print_table(figures, extras, rows, header):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark jobsched on loopback (issue 5).")
-    parser.add_argument("--quick", action="store_true", help="smaller counts, under 30 s")
+    parser.add_argument("--quick", action="store_true", help="smaller counts, about a minute")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--dir", metavar="DIR",
                         help="where the workers' state dirs go (default: a temp dir beside the "
