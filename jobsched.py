@@ -1968,9 +1968,9 @@ class JobQueue:
 
     Without a state dir (``JobQueue()``, the library's ``Scheduler(state_dir=None)``) the
     queue lives in memory only. The Scheduler calls: submit, plan, started, jobs_ended, cancel,
-    describe, listing, wait_to_start, wait_any, dependencies_to_ask, close. Every change that is
-    journaled is made under journal_lock, so a rewrite sees exactly what the file says; nothing
-    does I/O while holding ``lock``."""
+    recheck and try_again (a worker registered or heartbeated), describe, listing, knows,
+    wait_to_start, wait_any, dependencies_to_ask, close. Nothing does I/O while holding
+    ``lock``."""
 
     def __init__(self, state_dir=None):
         self.state_dir = os.path.abspath(state_dir) if state_dir else None
@@ -1982,7 +1982,7 @@ class JobQueue:
         self._heaps = {"": []}  # "" or a pinned worker_id -> heap of (order, item) ready to take
         self._requeued = {}  # QueueJobs back in the queue -> None
         self._waiters = {}   # job id -> [QueueEntry waiting for it to succeed]
-        self._busy = {}      # worker_id -> queue jobs started or being started there, not ended
+        self._busy = {}      # worker_id -> {QueueJob} started or being started there, not ended
         self._full = set()   # workers that refused a job as full since their last reported end
         self._calling = set()  # workers with a settle call under way
         self._unsettled = {}  # worker_id -> {QueueJob: None} to ask it about: a start whose
@@ -2277,7 +2277,7 @@ class JobQueue:
                                 del self._unsettled[worker_id]
                             settles[worker_id] = jobs
                     elif worker_id not in self._full:
-                        count = min(slots - self._busy.get(worker_id, 0), MAX_START_BATCH)
+                        count = min(slots - len(self._busy.get(worker_id, ())), MAX_START_BATCH)
                         if count > 0:
                             free[worker_id] = count
                 while free:
@@ -2285,7 +2285,7 @@ class JobQueue:
                     if job is None:
                         break
                     job.state, job.worker_id = "dispatching", worker_id
-                    self._busy[worker_id] = self._busy.get(worker_id, 0) + 1
+                    self._busy.setdefault(worker_id, set()).add(job)
                     starts.setdefault(worker_id, []).append(job)
                     free[worker_id] -= 1
                     if not free[worker_id]:
@@ -2349,7 +2349,7 @@ class JobQueue:
             self._remember(entry)  # its key answers for the cancelled elements until forgotten
 
     def _requeue(self, job):
-        self._busy[job.worker_id] -= 1
+        self._busy[job.worker_id].discard(job)
         job.state = "queued"
         self._requeued[job] = None
         self._push(job)
@@ -2421,7 +2421,7 @@ class JobQueue:
     def _end(self, job, outcome):
         """job has ended (under lock): its slot is free; what waits on it is settled."""
         if job.state in ("dispatching", "unsettled", "running"):
-            self._busy[job.worker_id] -= 1
+            self._busy[job.worker_id].discard(job)
             self._unsettled.get(job.worker_id, {}).pop(job, None)
         elif job.state == "queued":
             self._requeued.pop(job, None)
@@ -2509,10 +2509,9 @@ class JobQueue:
         """worker_id registered (it, or the scheduler, restarted): ask it about the queue's
         jobs it runs before starting more there; one it no longer knows is lost."""
         with self.lock:
-            for item in list(self._ids.values()):
-                if isinstance(item, QueueJob) and item.worker_id == worker_id and (
-                        item.state == "running"):
-                    self._unsettled.setdefault(worker_id, {})[item] = None
+            for job in self._busy.get(worker_id, ()):
+                if job.state == "running":
+                    self._unsettled.setdefault(worker_id, {})[job] = None
             self._retry_at.pop(worker_id, None)
 
     def try_again(self, worker_id):
@@ -2672,7 +2671,7 @@ class JobQueue:
                     continue
                 self._live_bytes += item.entry.size + JOB_RECORD_BYTES
                 if item.state in ("dispatching", "unsettled", "running"):
-                    self._busy[item.worker_id] = self._busy.get(item.worker_id, 0) + 1
+                    self._busy.setdefault(item.worker_id, set()).add(item)
                 if item.state in ("dispatching", "unsettled"):
                     item.state = "unsettled"
                     self._unsettled.setdefault(item.worker_id, {})[item] = None
