@@ -2646,11 +2646,13 @@ class QueueProcessTest(ClusterTestCase):
         state_dir = self.tempdir()
         proc, address, client = self.cluster_processes(state_dir)
         out = os.path.join(self.tempdir(), "runs")
-        acknowledged, errors = [], []
+        acknowledged, errors, killed = [], [], threading.Event()
 
         def submit_batches():
             submitter = jobsched.Client(address, timeout=5)
             for batch in range(1000):
+                if killed.is_set():
+                    break
                 specs = [append_job(out, "s%d-%d" % (batch, i)) for i in range(20)]
                 specs.append({"command": "sh", "args": ["-c", 'echo "a$1-$JOBSCHED_ARRAY_INDEX" >> "$2"',
                                                         "sh", str(batch), out], "array": 40})
@@ -2665,9 +2667,11 @@ class QueueProcessTest(ClusterTestCase):
         thread = threading.Thread(target=submit_batches)
         thread.start()
         wait_until(lambda: len(acknowledged) >= 3 * 60, message="a few submits")
-        client = self.restart_after_kill9(proc, address, state_dir)
+        proc.kill()
+        killed.set()
         thread.join(timeout=30)
-        self.assertEqual(len(errors), 1)
+        self.assertLessEqual(len(errors), 1)  # the call cut short, if the kill met one
+        client = self.restart_after_kill9(proc, address, state_dir)
         self.assert_each_ran_once(out, acknowledged)
 
     def test_kill9_during_dispatch(self):
