@@ -29,6 +29,7 @@ import html
 import http.client
 import inspect
 import io
+import itertools
 import ipaddress
 import json
 import logging
@@ -41,6 +42,7 @@ import re
 import resource
 import select
 import selectors
+import shlex
 import signal
 import socket
 import socketserver
@@ -207,6 +209,36 @@ def relayed_fault_code(reply):
     return int(match.group(1)) if match else INTERNAL
 
 
+_ID_ARRAY_HEAD = (b"<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n"
+                  b"<value><array><data>\n")
+_ID_ARRAY_TAIL = b"</data></array></value>\n</param>\n</params>\n</methodResponse>\n"
+ID_ITEM = "<value><string>%s</string></value>\n"
+_ID_ITEM = re.compile("<value><string>([0-9a-f-]{36})</string></value>\n")
+
+
+def dumps_id_array(items):
+    """dumps_response() of an array of job ids given as its items (ID_ITEM % job_id), ten times
+    faster for the 10000 ids a submit may answer (canonical UUIDs: nothing to escape). items
+    is taken a thousand at a time, so 100000 of them are never all in memory."""
+    items, parts = iter(items), [_ID_ARRAY_HEAD]
+    while True:
+        chunk = "".join(itertools.islice(items, 1000))
+        if not chunk:
+            break
+        parts.append(chunk.encode("ascii"))
+    parts.append(_ID_ARRAY_TAIL)
+    return _RelayedReply(b"".join(parts))
+
+
+def parse_id_array(body):
+    """The ids of a reply shaped as dumps_id_array() makes it; None for any other reply."""
+    if not (body.startswith(_ID_ARRAY_HEAD) and body.endswith(_ID_ARRAY_TAIL)):
+        return None
+    items = body[len(_ID_ARRAY_HEAD):len(body) - len(_ID_ARRAY_TAIL)].decode("ascii", "replace")
+    ids = _ID_ITEM.findall(items)
+    return ids if len(ids) * 69 == len(items) else None  # 69 characters an item
+
+
 def _short(value, limit=80):
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -223,13 +255,18 @@ def bounded_int(text):
 
 
 class _Unmarshaller(xmlrpc.client.Unmarshaller):
-    """xmlrpc.client's, with integers parsed by bounded_int."""
+    """xmlrpc.client's, with integers parsed by bounded_int and struct member names interned."""
 
     def end_int(self, data):
         self.append(bounded_int(data))
         self._value = 0
+
+    def end_name(self, data):
+        xmlrpc.client.Unmarshaller.end_string(self, data)
+        self._stack[-1] = sys.intern(self._stack[-1])  # 100000 structs share their member names
     dispatch = dict(xmlrpc.client.Unmarshaller.dispatch)
     dispatch.update(dict.fromkeys(("i1", "i2", "i4", "i8", "int", "biginteger"), end_int))
+    dispatch["name"] = end_name
 
 
 def loads_request(body):
@@ -294,10 +331,10 @@ JOB_OPTIONS = ("args", "env", "cwd", "timeout", "job_id")
 MAX_JOB_TIMEOUT = 10 ** 7     # seconds (115 days); threading.Timer cannot wait much longer
 
 
-def want_timeout(value):
-    seconds = want_number(value, "timeout", minimum=0.001)
+def want_timeout(value, name="timeout"):
+    seconds = want_number(value, name, minimum=0.001)
     if seconds > MAX_JOB_TIMEOUT:
-        raise BadRequest("timeout must be at most %d seconds" % MAX_JOB_TIMEOUT)
+        raise BadRequest("%s must be at most %d seconds" % (name, MAX_JOB_TIMEOUT))
     return seconds
 
 
@@ -310,25 +347,34 @@ def want_job_id(value, name="job_id"):
         raise BadRequest("%s must be a UUID, not %s" % (name, _short(value)))
 
 
+def want_args(args, name="args"):
+    if not isinstance(args, list) or len(args) > 4096:
+        raise BadRequest("%s must be a list of at most 4096 strings" % name)
+    for i, arg in enumerate(args):
+        want_str(arg, "%s[%d]" % (name, i), limit=65536)
+    return args
+
+
+def want_env(env, name="env"):
+    env = want_struct(env, name)
+    for key, value in env.items():
+        want_str(key, name + " name", limit=256, empty=False)
+        want_str(value, "%s value of %s" % (name, key), limit=65536)
+        if "=" in key:
+            raise BadRequest("%s name %s must not contain '='" % (name, _short(key)))
+    return env
+
+
 def parse_job_options(options):
     """Check a start() options struct; returns {args, env, cwd, timeout, job_id} with defaults."""
     options = want_struct(options, "options")
     unknown = sorted(set(options) - set(JOB_OPTIONS))
     if unknown:
         raise BadRequest("unknown option %s (known: %s)" % (_short(unknown[0]), ", ".join(JOB_OPTIONS)))
-    args = options.get("args", [])
-    if not isinstance(args, list) or len(args) > 4096:
-        raise BadRequest("args must be a list of at most 4096 strings")
-    env = want_struct(options.get("env", {}), "env")
-    for key, value in env.items():
-        want_str(key, "env name", limit=256, empty=False)
-        want_str(value, "env value of %s" % key, limit=65536)
-        if "=" in key:
-            raise BadRequest("env name %s must not contain '='" % _short(key))
     timeout = options.get("timeout")
     return {
-        "args": [want_str(a, "args[%d]" % i, limit=65536) for i, a in enumerate(args)],
-        "env": env,
+        "args": want_args(options.get("args", [])),
+        "env": want_env(options.get("env", {})),
         "cwd": want_str(options["cwd"], "cwd") if options.get("cwd") else None,
         "timeout": want_timeout(timeout) if timeout is not None else None,
         "job_id": want_job_id(options["job_id"]) if "job_id" in options else None,
@@ -371,6 +417,11 @@ def labels_match(labels, on):
 def format_labels(pairs):
     """'k=v,k=v', sorted by key: how labels and constraints are shown."""
     return ",".join("%s=%s" % item for item in sorted(pairs.items()))
+
+
+def on_key(on):
+    """A hashable form of a job's ``on``: the queue keeps one heap per distinct constraint."""
+    return ("on",) + tuple(sorted(on.items()))
 
 
 def split_on(options):
@@ -1589,6 +1640,29 @@ def find_job_processes(worker_id):
     return found
 
 
+def lock_state_dir(path, role):
+    """Create path (mode 0700) and hold an exclusive flock on its ``lock`` file: ConfigError if
+    another process holds it. Returns the lock file; closing it releases the lock.
+
+    A process killed a moment ago may leave a child between fork and exec that still holds the
+    lock for a few milliseconds: it is tried for a second before the dir is called taken."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        lock_file = open(os.path.join(path, "lock"), "a+")
+    except OSError as e:
+        raise ConfigError("cannot use state dir %s: %s" % (path, e.strerror))
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock_file
+        except OSError:
+            if time.monotonic() > deadline:
+                lock_file.close()
+                raise ConfigError("state dir %s is in use by another %s" % (path, role))
+            time.sleep(0.02)
+
+
 def write_atomically(path, data):
     """Temp file + rename: a crash at any moment leaves the old file or the new one, whole.
 
@@ -1820,6 +1894,13 @@ class Job:
         return job
 
 
+MAX_START_BATCH = 64          # jobs started by one start_many call
+JOB_END_BACKLOG = 100000      # ended jobs a worker keeps to report while the scheduler is away
+#: what a worker reports of an ended job: the scheduler keeps no more (and parses less)
+JOB_END_KEYS = ("job_id", "state", "error_text", "exit_code", "signal", "pid", "started_at",
+                "finished_at", "output_bytes")
+
+
 def default_state_dir():
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "jobsched", "worker")
@@ -1877,23 +1958,7 @@ class WorkerStateDir:
             raise ConfigError("cannot use state dir %s: %s" % (self.path, e.strerror or e))
 
     def _lock(self):
-        try:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
-            lock_file = open(os.path.join(self.path, "lock"), "a+")
-        except OSError as e:
-            raise ConfigError("cannot use state dir %s: %s" % (self.path, e.strerror))
-        # A worker killed a moment ago may leave a child between fork and exec that still holds
-        # the lock for a few milliseconds: wait a little before calling the dir taken.
-        deadline = time.monotonic() + 1.0
-        while True:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return lock_file
-            except OSError:
-                if time.monotonic() > deadline:
-                    lock_file.close()
-                    raise ConfigError("state dir %s is in use by another worker" % self.path)
-                time.sleep(0.02)
+        return lock_state_dir(self.path, "worker")
 
     def _load_worker_id(self):
         path = os.path.join(self.path, "worker_id")
@@ -2201,6 +2266,7 @@ class Worker(_Role):
         self._closing = False
         self._closed = threading.Event()
         self._beat_now = threading.Event()  # set when a job ends, and by close()
+        self._ended_jobs = queue.Queue()  # ended Jobs for the reporter thread; None stops it
         self._registered = False  # written by the heartbeat thread only
         self.metrics = Metrics()
         self._timeouts = JobTimeouts(self._timed_out)
@@ -2216,6 +2282,7 @@ class Worker(_Role):
             self.server = RPCServer(listen, self.security, {
                 "start": self.start, "stop": self.stop, "query": self.query,
                 "output": self.output, "jobs": self.jobs, "info": self.info,
+                "start_many": self.start_many,
             }, max_request=max_request, read_timeout=read_timeout,
                 page_routes={("GET", "/metrics"): lambda request: metrics_reply(worker_metrics(self))})
         except BaseException:
@@ -2313,10 +2380,11 @@ class Worker(_Role):
             log.warning("running as root: every job runs as root too; prefer a dedicated user")
         self._threads.append(self.server.serve_in_thread())
         if self.scheduler:
-            thread = threading.Thread(target=self._heartbeat_loop, name="jobsched-heartbeat",
-                                      daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            for target, name in ((self._heartbeat_loop, "jobsched-heartbeat"),
+                                 (self._report_loop, "jobsched-report")):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
         log.info("worker %s listening on %s (slots %d, state dir %s)", self.worker_id,
                  self.address, self.slots, self.state_dir)
         return self
@@ -2379,6 +2447,47 @@ class Worker(_Role):
             self._registered = registered
         scheduler.close()
 
+    def _report_ended(self, job):
+        if self.scheduler:
+            self._ended_jobs.put(job)
+
+    def _report_loop(self):
+        """Tell the scheduler of each ended job at once (it starts a queued job in the slot),
+        several per call when they end together. While the scheduler cannot be reached the ends
+        wait, the oldest dropped past JOB_END_BACKLOG: a restarted scheduler learns them."""
+        scheduler = RPCClient(self.scheduler, security=self.security, timeout=self.rpc_timeout)
+        pending, failures, stopping = deque(), 0, False
+        while not stopping or pending:
+            try:
+                while True:
+                    job = self._ended_jobs.get(block=not pending and not stopping)
+                    if job is None:
+                        stopping = True
+                    else:
+                        pending.append(job)
+            except queue.Empty:
+                pass
+            while len(pending) > JOB_END_BACKLOG:
+                pending.popleft()
+            batch = [pending[i] for i in range(min(len(pending), 200))]
+            try:
+                with self.jobs_lock:
+                    structs = [job.to_struct() for job in batch]
+                scheduler.call("job_ended", self.worker_id,
+                               [{key: struct[key] for key in JOB_END_KEYS if key in struct}
+                                for struct in structs])
+                for _ in batch:
+                    pending.popleft()
+                failures = 0
+            except JobschedError as e:
+                failures += 1
+                if failures == 1:
+                    log.warning("cannot report ended jobs to scheduler %s: %s (retrying)",
+                                scheduler.address, e)
+                if stopping or self._closed.wait(min(5.0, 0.05 * 2 ** min(failures, 7))):
+                    break
+        scheduler.close()
+
     def close(self):
         """Stop accepting, stop every running job (TERM, grace, KILL), deregister."""
         with self.jobs_lock:
@@ -2398,6 +2507,7 @@ class Worker(_Role):
         self._timeouts.close()
         self._closed.set()
         self._beat_now.set()
+        self._ended_jobs.put(None)
         if self._registered:  # here, not in the heartbeat thread: it may be stuck in a call
             # Briefly: a scheduler that does not answer sees the worker offline soon anyway.
             scheduler = RPCClient(self.scheduler, security=self.security, timeout=0.25)
@@ -2486,6 +2596,23 @@ class Worker(_Role):
         log.info("job %s started: %s", job.job_id, " ".join(map(_short, argv)))
         return job.job_id
 
+    def start_many(self, items):
+        """Start several jobs: items is an array of [command, path, options] (at most
+        MAX_START_BATCH); answers, in order, each one's job_id or its fault as a struct
+        {faultCode, faultString}."""
+        if not isinstance(items, list) or len(items) > MAX_START_BATCH:
+            raise BadRequest("items must be an array of at most %d [command, path, options]"
+                             % MAX_START_BATCH)
+        answers = []
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, list) or len(item) not in (2, 3):
+                    raise BadRequest("items[%d] must be [command, path, options]" % i)
+                answers.append(self.start(*item))
+            except JobschedError as e:
+                answers.append({"faultCode": e.code, "faultString": str(e)})
+        return answers
+
     def _spawn(self, job_id, command, path, opts, argv, env):
         """Write down the intent, spawn the job marked with its ids, start its waiter."""
         job = Job(job_id, self.worker_id, command, path, opts["args"])
@@ -2556,6 +2683,7 @@ class Worker(_Role):
             self._job_changed.notify_all()
             record = job.to_record()
         self._beat_now.set()
+        self._report_ended(job)  # to the scheduler at once: its queue may use the slot
         self.state.record(job.job_id, record)
         log.info("job %s %s%s", job.job_id, job.state, ": " + job.error_text if job.error_text else "")
         self._expire_jobs()
@@ -2689,18 +2817,1067 @@ class WorkerRecord:
         })
 
 
+# -- the queue: specs, entries, jobs, and the journal that keeps them --------------------------
+
+MAX_SUBMIT_JOBS = 100000      # jobs one submit() may queue, arrays counted in full
+QUEUE_HISTORY = 100000        # ended queue jobs (and ends of other jobs) the scheduler remembers
+COMPACT_MIN_BYTES = MiB       # the queue's journal is never rewritten below this size
+SCHEDULER_MAX_REQUEST = 32 * MiB  # a submit of 100000 one-line jobs is about 20 MB of XML
+
+
+def default_scheduler_state_dir():
+    return os.path.join(os.path.dirname(default_state_dir()), "scheduler")
+
+
+def _want_bool(value, name):
+    if not isinstance(value, bool):
+        raise BadRequest("%s must be a boolean, not %s" % (name, type(value).__name__))
+    return value
+
+
+def _want_priority(value, name):
+    priority = want_number(value, name, minimum=-2 ** 31, integer=True)
+    if priority >= 2 ** 31:
+        raise BadRequest("%s must be a 32-bit integer" % name)
+    return priority
+
+
+def _want_after(value, name):
+    if not isinstance(value, list) or len(value) > MAX_SUBMIT_JOBS:
+        raise BadRequest("%s must be an array of at most %d job ids" % (name, MAX_SUBMIT_JOBS))
+    return [want_job_id(job_id, "%s[%d]" % (name, i)) for i, job_id in enumerate(value)]
+
+
+def _want_array(value, name):
+    count = want_number(value, name, minimum=1, integer=True)
+    if count > MAX_SUBMIT_JOBS:
+        raise BadRequest("%s must be at most %d" % (name, MAX_SUBMIT_JOBS))
+    return count
+
+
+#: the fields of a submit() spec: name -> check(value, "jobs[N].name"), answering the value kept
+JOB_SPEC_FIELDS = {
+    "command": lambda value, name: want_str(value, name, empty=False),
+    "path": want_str,
+    "args": want_args,
+    "env": want_env,
+    "cwd": want_str,
+    "timeout": want_timeout,
+    "worker_id": lambda value, name: want_str(value, name, limit=256),
+    "priority": _want_priority,
+    "after": _want_after,
+    "array": _want_array,
+    "name": want_str,
+    "on": lambda value, name: parse_on(value, name),
+    "all": lambda value, name: _want_bool(value, name),
+}
+
+
+def expand_job_ids(keys, specs, form="%s"):
+    """Yield form % job_id for each job of specs, given the keys JobQueue.submit() answered
+    for them: one for a spec, one per index for an array, in order."""
+    for key, spec in zip(keys, specs):
+        if "array" in spec:
+            template = form % (key + "%012x")
+            for index in range(spec["array"]):
+                yield template % index
+        else:
+            yield form % key
+
+
+def parse_job_spec(spec, name):
+    """Check one submit() spec against JOB_SPEC_FIELDS; answers it, its values made canonical
+    in place (the queue keeps the request's own dicts: 100000 specs are 30 MB)."""
+    spec = want_struct(spec, name)
+    for key, value in spec.items():
+        check = JOB_SPEC_FIELDS.get(key)
+        if check is None:
+            raise BadRequest("%s: unknown field %s (known: %s)"
+                             % (name, _short(key), ", ".join(JOB_SPEC_FIELDS)))
+        checked = check(value, "%s.%s" % (name, key))
+        if checked is not value:
+            spec[key] = checked
+    if "command" not in spec:
+        raise BadRequest("%s.command is required" % name)
+    spec["command"] = sys.intern(spec["command"])  # the same command, many times over
+    return spec
+
+
+class QueueEntry:
+    """One spec of a submit() call: one job, or an array of ``count`` jobs that differ only in
+    ``JOBSCHED_ARRAY_INDEX``, whose ids are ``key`` (24 characters of a UUID) plus the index in
+    the last 12 hex digits. An array's jobs become QueueJobs one at a time, as they are taken from
+    the queue, so 10000 waiting jobs cost one object. Fields guarded by JobQueue.lock."""
+    __slots__ = ("key", "seq", "submitted_at", "spec", "count", "next", "skip", "unmet",
+                 "cancelled", "size")
+
+    def __init__(self, key, seq, submitted_at, spec):
+        self.key, self.seq, self.submitted_at = key, seq, submitted_at
+        self.spec, self.count = spec, spec.get("array")  # spec: the fields given
+        self.next = self.size = 0  # next index to take; bytes of its journal record
+        self.unmet = 0         # dependencies not met yet; -1: all met before a restart
+        self.skip = None       # indices >= next cancelled one by one
+        self.cancelled = None  # the reason, once the whole entry is cancelled
+
+    def job_id(self, index):
+        return self.key if self.count is None else "%s%012x" % (self.key, index)
+
+    def order(self, index):
+        return (-self.spec.get("priority", 0), self.seq, index)
+
+    def remaining(self):
+        if self.cancelled is not None:
+            return 0
+        return (1 if self.count is None else self.count) - self.next - len(self.skip or ())
+
+    def waits(self, index):
+        """True if the job at index is still to be taken from the queue (not cancelled)."""
+        return self.cancelled is None and index >= self.next and index not in (self.skip or ())
+
+    def record(self):
+        return dict(self.spec, id=self.key, seq=self.seq, at=self.submitted_at)
+
+    @classmethod
+    def from_record(cls, record):
+        spec = dict(record)
+        entry = cls(spec.pop("id"), spec.pop("seq"), spec.pop("at"), spec)
+        entry.next = spec.pop("next", 0)
+        entry.skip = set(spec.pop("skip", ())) or None
+        entry.cancelled = spec.pop("cancelled", None)
+        if spec.pop("met", None):
+            entry.unmet = -1
+        return entry
+
+    def start_item(self, job_id, index):
+        """[command, path, options] for the worker's start_many."""
+        spec = self.spec
+        options = {key: spec[key] for key in ("args", "cwd", "timeout") if spec.get(key)}
+        options["job_id"] = job_id
+        env = spec.get("env")
+        if self.count is not None:
+            env = dict(env or {}, JOBSCHED_ARRAY_INDEX=str(index))
+        if env:
+            options["env"] = env
+        return [spec["command"], spec.get("path", ""), options]
+
+    def extras(self):
+        """What the scheduler adds to a worker's struct of one of these jobs."""
+        return {"submitted_at": self.submitted_at, "name": self.spec.get("name", ""),
+                "priority": self.spec.get("priority", 0)}
+
+    def struct(self, job_id, state, error_text=""):
+        struct = {"job_id": job_id, "worker_id": self.spec.get("worker_id", ""),
+                  "command": self.spec["command"], "path": self.spec.get("path", ""),
+                  "args": list(self.spec.get("args", ())),
+                  "after": list(self.spec.get("after", ())),
+                  "state": state, "done": state != "queued", "error": bool(error_text),
+                  "error_text": error_text}
+        struct.update(self.extras())
+        return struct
+
+
+#: the states a job ends in
+JOB_END_STATES = ("succeeded", "failed", "stopped", "timeout", "lost", "cancelled")
+#: what the scheduler keeps of an ended job, in this order
+OUTCOME_KEYS = ("state", "error_text", "worker_id", "exit_code", "signal", "pid", "started_at",
+                "finished_at", "output_bytes")
+
+
+class QueueJob:
+    """A job of a QueueEntry once taken from the queue: ``dispatching`` (a start or settle call
+    is under way), ``unsettled`` (whether its worker started it is not known yet), ``running``,
+    ``ended`` (``outcome``: the OUTCOME_KEYS values), or ``queued`` again after a worker
+    refused it as full. Fields guarded by JobQueue.lock."""
+    __slots__ = ("job_id", "entry", "index", "state", "worker_id", "outcome")
+
+    def __init__(self, job_id, entry, index, state="dispatching", worker_id=None, outcome=None):
+        self.job_id, self.entry, self.index = job_id, entry, index
+        self.state, self.worker_id, self.outcome = state, worker_id, outcome
+
+    def ended_struct(self):
+        outcome = dict(zip(OUTCOME_KEYS, self.outcome))
+        struct = self.entry.struct(self.job_id, outcome["state"], outcome["error_text"] or "")
+        struct.update(without_none(outcome))
+        struct.pop("after")
+        return struct
+
+    def record(self):
+        return [self.job_id, self.entry.record(), self.index,
+                "unsettled" if self.state == "dispatching" else self.state, self.worker_id,
+                self.outcome]
+
+
+_UNKNOWN = "?"        # JobQueue._state_of: a job the queue knows nothing of
+_STARTING = "starting"  # JobQueue.cancel: the job is being handed to a worker
+JOB_RECORD_BYTES = 200  # about what a QueueJob adds to its spec in a rewritten journal
+
+
+class JobQueue:
+    """The scheduler's queue: jobs waiting for a slot in order (priority, then submission),
+    their dependencies, and the queue's jobs on workers until they end.
+
+    With a state dir, ``<state_dir>/queue.journal`` holds it all, one JSON line per change,
+    and after a crash (kill -9 included) start-up replays it:
+
+    - submit() appends one line for all the specs of a call (an array is one record) and fsyncs
+      once before it answers (group commit): an acknowledged job is never lost, and keeps its
+      order, priority and dependencies;
+    - before jobs are handed to a worker, their dispatch intents (job id, worker id) are appended
+      and fsynced; at start-up each intent whose outcome is not in the journal is settled by
+      asking that worker: query the job (running or ended), or if the worker does not have it,
+      start it there again with the same job id, which the worker's idempotent start makes safe,
+      so no job runs twice;
+    - a cancel by stop() is fsynced before it is acknowledged; starts, ends, refusals and
+      cancels that follow from dependencies are appended without fsync: what a crash loses of
+      them is found again from the intents, the workers and the dependencies;
+    - once the journal passes 4x the size of what is live (and COMPACT_MIN_BYTES), it is
+      rewritten with the live records only (temp file, fsync, rename), so it never grows
+      without bound.
+
+    Without a state dir (``JobQueue()``, the library's ``Scheduler(state_dir=None)``) the
+    queue lives in memory only. The Scheduler calls: submit, plan, started, jobs_ended, cancel,
+    recheck and try_again (a worker registered or heartbeated), describe, listing, knows,
+    wait_to_start, wait_any, dependencies_to_ask, close. Nothing does I/O while holding
+    ``lock``."""
+
+    def __init__(self, state_dir=None):
+        self.state_dir = os.path.abspath(state_dir) if state_dir else None
+        self.lock = threading.Lock()
+        #: guards every field below up to the journal's, and every QueueEntry and QueueJob
+        self.changed = threading.Condition(self.lock)  # notified when a job starts or ends
+        self._ids = {}       # job id, or an array's key -> QueueEntry (not taken yet) or QueueJob
+        self._entries = {}   # QueueEntry with jobs left to take -> None, in submission order
+        self._heaps = {"": []}  # "", a pinned worker_id or an on_key() -> heap of (order, item)
+        self._labels = {}  # worker_id -> labels of the online workers, as of the last plan()
+        self._requeued = {}  # QueueJobs back in the queue -> None
+        self._waiters = {}   # job id -> [QueueEntry waiting for it to succeed]
+        self._busy = {}      # worker_id -> {QueueJob} started or being started there, not ended
+        self._full = set()   # workers that refused a job as full since their last reported end
+        self._calling = set()  # workers with a settle call under way
+        self._unsettled = {}  # worker_id -> {QueueJob: None} to ask it about: a start whose
+        #                       outcome is not known, or a running job after it registered
+        self._retry_at = {}  # worker_id -> time.monotonic() before which not to settle again
+        self._history = deque()  # ended QueueJobs, cancelled or used-up QueueEntries, oldest first
+        self._ended_elsewhere = {}  # job id -> state of an ended job not from the queue
+        self._ended_order = deque()  # the ids in self._ended_elsewhere, oldest first
+        self._ask = set()    # dependencies whose outcome is to be asked of the workers
+        self._live_bytes = 0  # about what a rewrite of the journal would write
+        self._ends = 0       # ends so far: those of jobs, and of whole entries cancelled
+        self._ended_log = deque(maxlen=10000)  # the job id or entry key of the latest ends
+        self.journal_lock = threading.Lock()
+        #: guards self._journal (fd of queue.journal), self._journal_bytes, self._seq and
+        #: self._pending (records of changes made, to append); taken before lock, never while
+        #: holding it. Every change of the queue is made under it, so a rewrite sees exactly
+        #: what the file says.
+        self._journal, self._journal_bytes, self._seq, self._pending = None, 0, 0, {}
+        self._lock_file = None
+        if self.state_dir:
+            self._lock_file = lock_state_dir(self.state_dir, "scheduler")
+            try:
+                self._load()
+            except OSError as e:
+                self.close()
+                raise ConfigError("cannot use state dir %s: %s" % (self.state_dir, e.strerror or e))
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self):
+        with self.journal_lock:
+            if self._journal is not None:
+                os.close(self._journal)
+                self._journal = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def has_work(self):
+        return bool(self._entries or self._requeued or self._unsettled)  # a hint: no lock
+
+    # -- submit --------------------------------------------------------------------------------
+
+    def submit(self, specs, dep_states):
+        """Queue parsed specs (JOB_SPEC_FIELDS, kept as they are); dep_states maps dependencies
+        the queue does not know to their state (None: not ended). Answers each spec's key (its
+        job id, or the array's first 24 characters; see job_ids()), once they are on disk."""
+        now, call_key = time.time(), str(uuid.uuid4())[:24]
+        keys = [str(uuid.uuid4())[:24] if "array" in spec else "%s%012x" % (call_key, k)
+                for k, spec in enumerate(specs)]
+        with self.journal_lock:
+            first, self._seq = self._seq, self._seq + len(specs)
+            line = json.dumps({"b": {"ids": keys, "seq": first, "at": now, "specs": specs}},
+                              separators=(",", ":")) + "\n"
+            try:
+                self._write_line(line, sync=True)
+            except OSError as e:
+                raise Unavailable("cannot write the queue journal in %s: %s"
+                                  % (self.state_dir, e.strerror or e))
+            with self.lock:
+                for seq, (key, spec) in enumerate(zip(keys, specs), first):
+                    entry = self._add(QueueEntry(key, seq, now, spec), len(line) // len(specs))
+                    self._wait_for_dependencies(entry, dep_states)
+            self._flush()
+        return keys
+
+    def _add(self, entry, size):
+        entry.size = size
+        self._ids[entry.key] = entry
+        self._live_bytes += size
+        if entry.cancelled is not None:
+            self._remember(entry)
+        elif entry.remaining() > 0:
+            self._entries[entry] = None
+        return entry
+
+    def _wait_for_dependencies(self, entry, dep_states=None):
+        """Count entry's unmet dependencies and wait for them, or cancel it if one failed
+        (under lock). Unknown ones are looked up in dep_states, else asked of the workers."""
+        met = entry.unmet == -1 or entry.next > 0  # known before a restart
+        entry.unmet = 0
+        for dep in () if met else entry.spec.get("after", ()):
+            state = self._state_of(dep)
+            if state is _UNKNOWN:
+                state = (dep_states or {}).get(dep)
+                if dep_states is None or dep not in dep_states:
+                    self._ask.add(dep)
+            if state == "succeeded":
+                continue
+            if state is not None:
+                reason = "cancelled: dependency %s ended %s" % (dep, state)
+                for job_id, _ in self._cancel_entry(entry, reason):
+                    self._resolve(job_id, "cancelled")
+                return
+            entry.unmet += 1
+            self._waiters.setdefault(dep, []).append(entry)
+        if entry.unmet == 0:
+            self._push(entry)
+
+    def _push(self, item):
+        entry = item if isinstance(item, QueueEntry) else item.entry
+        spec = entry.spec
+        target = spec.get("worker_id") or (on_key(spec["on"]) if spec.get("on") else "")
+        heap = self._heaps.get(target)
+        if heap is None:
+            heap = self._heaps[target] = []
+        index = -1 if item is entry else item.index  # an entry before its own requeued jobs
+        heapq.heappush(heap, (-spec.get("priority", 0), entry.seq, index, item))
+
+    # -- lookups (under lock) ------------------------------------------------------------------
+
+    def _find(self, job_id):
+        """(entry, index, QueueJob or None) of a job the queue knows, else None."""
+        item = self._ids.get(job_id)
+        if isinstance(item, QueueJob):
+            return item.entry, item.index, item
+        if item is not None:
+            return item, 0, None
+        entry = self._ids.get(job_id[:24]) if len(job_id) == 36 else None
+        if entry is not None and entry.count is not None:
+            try:
+                index = int(job_id[24:], 16)
+            except ValueError:
+                return None
+            if entry.next <= index < entry.count and entry.job_id(index) == job_id:
+                return entry, index, None
+        return None
+
+    def _state_of(self, job_id):
+        """A job's state once it has ended, None before, _UNKNOWN if the queue does not know it."""
+        found = self._find(job_id)
+        if found is None:
+            return self._ended_elsewhere.get(job_id, _UNKNOWN)
+        entry, index, job = found
+        if job is None:
+            return None if entry.waits(index) else "cancelled"
+        return job.outcome[0] if job.state == "ended" else None
+
+    def _position(self, entry, index):
+        """1 + the number of queued jobs before entry's job at index (under lock)."""
+        order, ahead = entry.order(index), 0
+        for other in self._entries:
+            if other is entry:
+                ahead += max(0, index - other.next - sum(1 for i in other.skip or () if i < index))
+            elif other.order(-1)[:2] < order[:2]:
+                ahead += other.remaining()
+        return 1 + ahead + sum(1 for job in self._requeued if job.entry.order(job.index) < order)
+
+    def _reason(self, entry, online):
+        for dep in entry.spec.get("after", ()):
+            if self._state_of(dep) != "succeeded":
+                return "waiting for %s" % dep
+        worker_id = entry.spec.get("worker_id")
+        if worker_id and worker_id not in online:
+            return "waiting for worker %s (offline)" % worker_id
+        on = entry.spec.get("on")
+        if on and not any(labels_match(labels, on) for labels in online.values()):
+            return "no online worker matches %s" % format_labels(on)
+        return "waiting for a free slot"
+
+    def _queued_struct(self, entry, index, job, online):
+        job_id = entry.job_id(index)
+        if job is not None and job.state != "queued":  # being handed to a worker
+            struct = entry.struct(job_id, "queued")
+            struct.update(position=0, reason="being started on worker %s" % job.worker_id)
+            return struct
+        if job is None and not entry.waits(index):
+            return entry.struct(job_id, "cancelled", entry.cancelled or "cancelled")
+        struct = entry.struct(job_id, "queued")
+        struct.update(position=self._position(entry, index), reason=self._reason(entry, online))
+        return struct
+
+    def describe(self, job_id, online=()):
+        """What the queue knows of job_id: (struct, None, None) for a job waiting, cancelled or
+        ended; (None, worker_id, extras) for one on a worker (its struct is the worker's, plus
+        extras); None if the queue does not know it."""
+        with self.lock:
+            found = self._find(job_id)
+            if found is None:
+                return None
+            entry, index, job = found
+            if job is not None and job.state == "ended":
+                return job.ended_struct(), None, None
+            if job is not None and job.state == "running":
+                return None, job.worker_id, entry.extras()
+            return self._queued_struct(entry, index, job, online), None, None
+
+    def __len__(self):
+        """The number of jobs waiting in the queue (for a slot, a dependency or a worker)."""
+        with self.lock:
+            return sum(entry.remaining() for entry in self._entries) + len(self._requeued)
+
+    def first_waiting(self, online, limit):
+        """Structs of the first ``limit`` waiting jobs, in queue order."""
+        return self.listing(online, limit)[0]
+
+    def listing(self, online=(), limit=None):
+        """(structs of the waiting jobs in queue order (the first ``limit`` only, if given),
+        {job_id: extras} of the queue's jobs that reached a worker, structs of the ended ones,
+        for those no worker lists)."""
+        with self.lock:
+            waiting = [(entry.order(i), entry, i, None) for entry in self._entries
+                       for i in range(entry.next, entry.count or 1) if entry.waits(i)]
+            waiting += [(job.entry.order(job.index), job.entry, job.index, job)
+                        for job in self._requeued]
+            if limit is not None:
+                waiting = heapq.nsmallest(limit, waiting, key=lambda item: item[0])
+                structs = []
+                for position, (_, entry, index, job) in enumerate(waiting, 1):
+                    struct = entry.struct(entry.job_id(index), "queued")
+                    struct.update(position=position, reason=self._reason(entry, online))
+                    structs.append(struct)
+                return structs, {}, []
+            waiting.sort(key=lambda item: item[0])
+            structs = []
+            for position, (_, entry, index, job) in enumerate(waiting, 1):
+                struct = entry.struct(entry.job_id(index), "queued")
+                struct.update(position=position, reason=self._reason(entry, online))
+                structs.append(struct)
+            extras, ended = {}, []
+            for item in self._history:
+                if isinstance(item, QueueJob):
+                    ended.append(item.ended_struct())
+                elif item.cancelled is not None:
+                    ended += [item.struct(item.job_id(i), "cancelled", item.cancelled)
+                              for i in range(item.count or 1)]
+            for item in self._ids.values():
+                if isinstance(item, QueueJob) and item.state != "queued":
+                    extras[item.job_id] = item.entry.extras()
+        return structs, extras, ended
+
+    def wait_to_start(self, job_id, deadline):
+        """Wait until the queue's job job_id is on a worker (answers its worker_id), has ended
+        without one ("ended"), or deadline passes while it waits ("queued"); None if the queue
+        does not know it."""
+        with self.changed:
+            while True:
+                found = self._find(job_id)
+                if found is None:
+                    return None
+                entry, index, job = found
+                if job is None and not entry.waits(index):
+                    return "ended"
+                if job is not None and job.state in ("running", "ended"):
+                    if job.state == "ended" and job.outcome[OUTCOME_KEYS.index("pid")] is None:
+                        return "ended"  # never started: cancelled, or refused by its worker
+                    return job.worker_id
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "queued"
+                self.changed.wait(remaining)
+
+    def wait_any(self, job_ids, deadline):
+        """[(job_id, state)] of those job_ids that have ended, waiting until one has or deadline
+        passes; ids unknown to the queue count as not ended. Once one ends, it waits 0.25 s more
+        for others to end with it. After the first look at every id, only the jobs that ended
+        since (or belong to an array cancelled since) are looked at again: waiting for 10000
+        jobs costs no scan of 10000 per end."""
+        by_key, ended, until = {}, {}, None
+        for job_id in job_ids:
+            by_key.setdefault(job_id, []).append(job_id)
+            by_key.setdefault(job_id[:24], []).append(job_id)
+        with self.changed:
+            candidates = job_ids
+            while True:
+                seen = self._ends
+                for job_id in candidates:
+                    state = self._state_of(job_id)
+                    if state is not None and state is not _UNKNOWN:
+                        ended[job_id] = state
+                now = time.monotonic()
+                if ended and until is None:  # at once if they had ended before the call
+                    until = now + (0.25 if candidates is not job_ids else 0.0)
+                if now >= min(deadline, until or deadline):
+                    return list(ended.items())
+                self.changed.wait_for(lambda: self._ends != seen,
+                                      min(deadline, until or deadline) - now)
+                count = self._ends - seen
+                if count > len(self._ended_log):
+                    candidates = job_ids
+                else:
+                    keys = set(itertools.islice(reversed(self._ended_log), count))
+                    candidates = [job_id for key in keys for job_id in by_key.get(key, ())]
+
+    def knows(self, job_id):
+        with self.lock:
+            return self._state_of(job_id) is not _UNKNOWN
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def plan(self, workers):
+        """Hand waiting jobs to free slots: workers is [(worker_id, slots, labels)] of the online
+        ones, ties going to the first. Answers ({worker_id: [QueueJob]} to start, {worker_id:
+        [QueueJob]} to settle), after the intents are on disk. A worker with jobs to settle
+        gets nothing else until started(..., settle=True) is told how that went."""
+        now = time.monotonic()
+        starts, settles, free = {}, {}, {}
+        with self.journal_lock:
+            with self.lock:
+                self._labels = {worker_id: labels for worker_id, _, labels in workers}
+                for worker_id, slots, _ in workers:
+                    if worker_id in self._calling:
+                        continue
+                    unsettled = self._unsettled.get(worker_id)
+                    if unsettled:
+                        if self._retry_at.get(worker_id, 0) <= now:
+                            jobs = list(unsettled)[:MAX_START_BATCH]
+                            for job in jobs:
+                                del unsettled[job]
+                                if job.state == "unsettled":
+                                    job.state = "dispatching"
+                            if not unsettled:
+                                del self._unsettled[worker_id]
+                            settles[worker_id] = jobs
+                    elif worker_id not in self._full:
+                        count = min(slots - len(self._busy.get(worker_id, ())), MAX_START_BATCH)
+                        if count > 0:
+                            free[worker_id] = count
+                while free:
+                    job, worker_id = self._take(free)
+                    if job is None:
+                        break
+                    job.state, job.worker_id = "dispatching", worker_id
+                    self._busy.setdefault(worker_id, set()).add(job)
+                    starts.setdefault(worker_id, []).append(job)
+                    free[worker_id] -= 1
+                    if not free[worker_id]:
+                        del free[worker_id]
+                self._calling.update(settles)
+            if starts:
+                try:
+                    self._write_line(json.dumps({"d": [[job.job_id, worker_id] for worker_id, jobs
+                                                       in starts.items() for job in jobs]},
+                                                separators=(",", ":")) + "\n", sync=True)
+                except OSError as e:
+                    log.error("cannot write dispatch intents to the queue journal: %s", e)
+                    with self.lock:
+                        for worker_id, jobs in starts.items():
+                            for job in jobs:
+                                self._requeue(job)
+                    starts = {}
+            self._maybe_compact()
+        return starts, settles
+
+    def _take(self, free):
+        """The next job to start and its worker, given {worker_id: free slots}; (None, None).
+        A heap's target is "" (any worker), a pinned worker_id, or an on_key() (the workers
+        whose labels match)."""
+        best = None
+        targets = [""] + [worker_id for worker_id in free if worker_id in self._heaps]
+        targets += [key for key in self._heaps if isinstance(key, tuple) and self._heaps[key]]
+        for target in targets:
+            heap = self._heaps[target]
+            while heap and not self._ready(heap[0][3]):
+                heapq.heappop(heap)
+            if heap and (best is None or heap[0][:3] < best[1][:3]):
+                if isinstance(target, tuple) and not self._matching(target, free):
+                    continue
+                best = (target, heap[0])
+        if best is None:
+            return None, None
+        target, (_, _, _, item) = best
+        if isinstance(target, tuple):
+            worker_id = max(self._matching(target, free), key=free.get)
+        else:
+            worker_id = target or max(free, key=free.get)
+        heap = self._heaps[target]
+        if isinstance(item, QueueJob):
+            heapq.heappop(heap)
+            del self._requeued[item]
+            return item, worker_id
+        entry, index = item, item.next
+        while entry.skip and index in entry.skip:
+            entry.skip.discard(index)
+            index += 1
+        entry.next = index + 1
+        job = QueueJob(entry.job_id(index), entry, index)
+        self._ids[job.job_id] = job
+        self._live_bytes += entry.size + JOB_RECORD_BYTES
+        if entry.remaining() == 0:
+            heapq.heappop(heap)
+            self._used_up(entry)
+        return job, worker_id
+
+    def _matching(self, key, workers):
+        """The workers (ids) whose labels match the on_key() key."""
+        on = dict(key[1:])
+        return [worker_id for worker_id in workers
+                if labels_match(self._labels.get(worker_id, {}), on)]
+
+    @staticmethod
+    def _ready(item):
+        return item.state == "queued" if isinstance(item, QueueJob) else item.remaining() > 0
+
+    def _used_up(self, entry):
+        """entry has no job left to take (under lock)."""
+        del self._entries[entry]
+        self._live_bytes -= entry.size
+        if entry.count is not None and entry.cancelled is None:
+            self._remember(entry)  # its key answers for the cancelled elements until forgotten
+
+    def _requeue(self, job):
+        self._busy[job.worker_id].discard(job)
+        job.state = "queued"
+        self._requeued[job] = None
+        self._push(job)
+
+    def started(self, worker_id, jobs, answers, settle=False):
+        """Apply a worker's answers to a start (or settle) call, one per job: its job id (now
+        running), a fault struct or JobschedError (fault 3: back in the queue and the worker
+        counts as full; fault 2: the job failed with that reason; other faults: unsettled), or
+        answers None: the call's outcome is unknown, so every job is unsettled."""
+        with self.journal_lock:
+            with self.lock:
+                if settle:
+                    self._calling.discard(worker_id)
+                for job, answer in zip(jobs, answers or [None] * len(jobs)):
+                    if job.state == "running" and settle and answer is None:  # not checked
+                        self._unsettled.setdefault(worker_id, {})[job] = None
+                        self._retry_at[worker_id] = time.monotonic() + 1.0
+                    if job.state != "dispatching":
+                        continue  # its end was reported before the answer came
+                    if isinstance(answer, dict):
+                        code, text = answer.get("faultCode"), str(answer.get("faultString"))
+                    elif isinstance(answer, JobschedError):
+                        code, text = answer.code, str(answer)
+                    else:
+                        code, text = None, ""
+                    if isinstance(answer, str):
+                        job.state = "running"
+                        self._note("r", [job.job_id, worker_id])
+                    elif code == UNAVAILABLE and not isinstance(answer, Unreachable):
+                        self._requeue(job)
+                        self._full.add(worker_id)
+                        self._note("q", job.job_id)
+                    elif code == BAD_REQUEST:
+                        self._end(job, ("failed", text, worker_id) + (None,) * 6)
+                    else:
+                        job.state = "unsettled"
+                        self._unsettled.setdefault(worker_id, {})[job] = None
+                        self._retry_at[worker_id] = time.monotonic() + 1.0
+                self.changed.notify_all()
+            self._flush()
+
+    def jobs_ended(self, worker_id, structs):
+        """A worker's report of ended jobs (job structs); worker_id None: learnt by asking."""
+        with self.journal_lock:
+            with self.lock:
+                self._full.discard(worker_id)
+                for struct in structs:
+                    job_id, state = struct.get("job_id"), struct.get("state")
+                    if not isinstance(job_id, str) or state not in JOB_END_STATES:
+                        continue
+                    item = self._ids.get(job_id)
+                    if isinstance(item, QueueJob):
+                        if item.state == "ended" or worker_id not in (None, item.worker_id) \
+                                or item.state == "queued":
+                            continue
+                        struct["worker_id"] = item.worker_id
+                        self._end(item, tuple(struct.get(key) for key in OUTCOME_KEYS))
+                    elif job_id not in self._ended_elsewhere:
+                        self._ended_elsewhere[job_id] = sys.intern(state)
+                        self._ended_order.append(job_id)
+                        if len(self._ended_order) > QUEUE_HISTORY:
+                            del self._ended_elsewhere[self._ended_order.popleft()]
+                        self._ask.discard(job_id)
+                        self._log_end(job_id)
+                        self._resolve(job_id, state)
+                self.changed.notify_all()
+            self._flush()
+
+    def _end(self, job, outcome):
+        """job has ended (under lock): its slot is free; what waits on it is settled."""
+        if job.state in ("dispatching", "unsettled", "running"):
+            self._busy[job.worker_id].discard(job)
+            self._unsettled.get(job.worker_id, {}).pop(job, None)
+        elif job.state == "queued":
+            self._requeued.pop(job, None)
+        job.state, job.outcome = "ended", outcome
+        self._note("e", [job.job_id] + list(outcome))
+        self._log_end(job.job_id)
+        self._remember(job)
+        self._resolve(job.job_id, outcome[0])
+
+    def _resolve(self, job_id, state):
+        """Settle what waits on job_id, which ended in state: a job waiting for it starts once it
+        has nothing else to wait for, or, if it did not succeed, is cancelled, and so on down
+        the chain (under lock)."""
+        ended = [(job_id, state)]
+        while ended:
+            dep, state = ended.pop()
+            for entry in self._waiters.pop(dep, ()):
+                if entry.cancelled is not None:
+                    continue
+                if state == "succeeded":
+                    entry.unmet -= 1
+                    if entry.unmet == 0:
+                        self._note("m", entry.key)
+                        self._push(entry)
+                    continue
+                reason = "cancelled: dependency %s ended %s" % (dep, state)
+                ended += self._cancel_entry(entry, reason)
+
+    def _cancel_entry(self, entry, reason):
+        """Cancel every job entry has left (under lock; it has not started any); answers
+        [(job id, "cancelled")] of those that something may wait for."""
+        entry.cancelled = reason
+        self._note("x", [entry.key, reason])
+        if entry in self._entries:
+            del self._entries[entry]  # its size stays live: it is history now
+        self._remember(entry)
+        self._log_end(entry.key)
+        if entry.count is None:
+            return [(entry.key, "cancelled")]
+        return [(job_id, "cancelled") for job_id in list(self._waiters) if job_id[:24] == entry.key]
+
+    def _remember(self, item):
+        """Keep an ended job or a spent entry in the bounded history (under lock)."""
+        self._history.append(item)
+        while len(self._history) > QUEUE_HISTORY:
+            old = self._history.popleft()
+            key = old.job_id if isinstance(old, QueueJob) else old.key
+            if self._ids.get(key) is old:
+                del self._ids[key]
+            if isinstance(old, QueueJob):
+                self._live_bytes -= old.entry.size + JOB_RECORD_BYTES
+            elif old.cancelled is not None:
+                self._live_bytes -= old.size
+
+    def cancel(self, job_id):
+        """stop() of a job of the queue: True once cancelled (on disk), or if it had ended;
+        the worker_id of a running one; _STARTING while it is handed to a worker; None if the
+        queue does not know it."""
+        with self.journal_lock:
+            with self.lock:
+                found = self._find(job_id)
+                if found is None:
+                    return None
+                entry, index, job = found
+                if job is not None and job.state == "running":
+                    return job.worker_id
+                if job is not None and job.state != "queued":
+                    return True if job.state == "ended" else _STARTING
+                if job is None and not entry.waits(index):
+                    return True
+                if job is not None:  # back in the queue after a refusal
+                    self._end(job, ("cancelled", "cancelled") + (None,) * 7)
+                elif entry.count is None:
+                    self._cancel_entry(entry, "cancelled")
+                    self._resolve(job_id, "cancelled")
+                else:
+                    self._cancel_element(entry, index)
+                    self._note("x", [job_id, "cancelled"])
+                    self._resolve(job_id, "cancelled")
+                self.changed.notify_all()
+            self._flush(sync=True)
+        return True
+
+    def recheck(self, worker_id):
+        """worker_id registered (it, or the scheduler, restarted): ask it about the queue's
+        jobs it runs before starting more there; one it no longer knows is lost."""
+        with self.lock:
+            for job in self._busy.get(worker_id, ()):
+                if job.state == "running":
+                    self._unsettled.setdefault(worker_id, {})[job] = None
+            self._retry_at.pop(worker_id, None)
+
+    def try_again(self, worker_id):
+        """Offer worker_id jobs again although it refused one as full (its heartbeat came:
+        an end report may have been lost)."""
+        with self.lock:
+            self._full.discard(worker_id)
+
+    def _cancel_element(self, entry, index):
+        """Cancel one job of an array before it is taken (under lock). It becomes an ended
+        QueueJob, which answers for it once the array is used up."""
+        job = QueueJob(entry.job_id(index), entry, index, "ended", None,
+                       ("cancelled", "cancelled") + (None,) * 7)
+        self._ids[job.job_id] = job
+        self._live_bytes += entry.size + JOB_RECORD_BYTES
+        self._remember(job)
+        entry.skip = entry.skip or set()
+        entry.skip.add(index)
+        if entry.remaining() == 0:
+            self._used_up(entry)
+        self._log_end(job.job_id)
+
+    def _log_end(self, key):
+        self._ends += 1
+        self._ended_log.append(key)
+
+    def dependencies_to_ask(self):
+        with self.lock:
+            return sorted(self._ask)
+
+    # -- the journal ---------------------------------------------------------------------------
+
+    def _path(self):
+        return os.path.join(self.state_dir, "queue.journal")
+
+    def _note(self, kind, item):
+        """Remember a change to append at the next _flush() (under journal_lock and lock).
+        Kinds: s submitted specs, d dispatch intents, r running, q back in the queue, e ended,
+        x cancelled, m dependencies met; j (rewrites only) a job and its state."""
+        self._pending.setdefault(kind, []).append(item)
+
+    def _flush(self, sync=False):
+        """Append the changes noted, a line per kind (under journal_lock). If sync, they are on
+        disk or this raises Unavailable; otherwise a failure is logged: what was not fsynced is
+        found again after a crash from the intents, the workers and the dependencies."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return self._maybe_compact()
+        try:
+            self._write_line("".join(json.dumps({kind: items}, separators=(",", ":")) + "\n"
+                                     for kind, items in pending.items()), sync)
+        except OSError as e:
+            if sync:
+                raise Unavailable("cannot write the queue journal in %s: %s"
+                                  % (self.state_dir, e.strerror or e))
+            log.error("cannot append to the queue journal: %s", e)
+        self._maybe_compact()
+
+    def _write_line(self, text, sync):
+        if self._journal is None:
+            return
+        data = text.encode("utf-8")
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._journal, view):]
+            if sync:
+                os.fsync(self._journal)
+        except OSError:
+            os.ftruncate(self._journal, self._journal_bytes)  # no half line before the next
+            raise
+        self._journal_bytes += len(data)
+
+    def _maybe_compact(self):
+        """Rewrite the journal if it is past 4x what is live (under journal_lock, once memory
+        holds every change the journal does)."""
+        with self.lock:
+            live = self._live_bytes
+        if self._journal is not None and self._journal_bytes > 4 * max(live, COMPACT_MIN_BYTES):
+            self._compact()
+
+    def _compact(self):
+        """Rewrite the journal with what is live (under journal_lock): temp file, fsync, rename."""
+        # Every change waits for journal_lock: what is read here stays as it is meanwhile.
+        with self.lock:
+            entries = list(self._entries) + [item for item in self._history if isinstance(
+                item, QueueEntry) and item.cancelled is not None]
+            jobs = [item for item in self._ids.values() if isinstance(item, QueueJob)]
+        lines = []
+        for start in range(0, len(entries), 1000):
+            specs = []
+            for entry in entries[start:start + 1000]:
+                record = entry.record()
+                record.update(without_none({
+                    "next": entry.next or None, "skip": sorted(entry.skip or ()) or None,
+                    "cancelled": entry.cancelled,
+                    "met": 1 if entry.unmet == 0 and entry.spec.get("after") else None}))
+                specs.append(record)
+            lines.append(json.dumps({"s": specs}, separators=(",", ":")) + "\n")
+        for start in range(0, len(jobs), 1000):
+            lines.append(json.dumps({"j": [job.record() for job in jobs[start:start + 1000]]},
+                                    separators=(",", ":")) + "\n")
+        data = "".join(lines).encode("utf-8")
+        path = self._path()
+        try:
+            fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(path + ".tmp", path)
+            directory = os.open(self.state_dir, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as e:
+            log.error("cannot rewrite the queue journal: %s (it keeps growing)", e)
+            return
+        os.close(self._journal)
+        self._journal = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._journal_bytes = len(data)
+        with self.lock:
+            self._live_bytes = len(data)
+        log.debug("queue journal rewritten: %d bytes, %d waiting entries, %d jobs",
+                 len(data), len(entries), len(jobs))
+
+    def _load(self):
+        """Replay the journal; rewrite it if it is 4x what is live."""
+        path, good = self._path(), 0
+        try:
+            with open(path, "rb") as f:
+                for line in f:
+                    if not line.endswith(b"\n"):
+                        break  # cut short by a crash: never acknowledged
+                    try:
+                        record = json.loads(line.decode("utf-8"))
+                    except ValueError:
+                        log.warning("ignoring an unreadable line of %s", path)
+                        continue
+                    try:
+                        self._replay(record, len(line))
+                    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                        log.warning("ignoring a bad record of %s: %s", path, e)
+                    good += len(line)
+        except FileNotFoundError:
+            pass
+        self._journal = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.ftruncate(self._journal, good)  # a line cut short is no line: the next starts clean
+        self._journal_bytes = good
+        with self.lock:
+            for item in list(self._ids.values()):
+                if not isinstance(item, QueueJob):
+                    continue
+                self._live_bytes += item.entry.size + JOB_RECORD_BYTES
+                if item.state in ("dispatching", "unsettled", "running"):
+                    self._busy.setdefault(item.worker_id, set()).add(item)
+                if item.state in ("dispatching", "unsettled"):
+                    item.state = "unsettled"
+                    self._unsettled.setdefault(item.worker_id, {})[item] = None
+                elif item.state == "queued":
+                    self._requeued[item] = None
+                    self._push(item)
+            for entry in list(self._entries):
+                self._wait_for_dependencies(entry)
+            live = self._live_bytes
+        with self.journal_lock:
+            self._pending = {}  # what follows from the journal is found again at each start
+            if self._journal_bytes > 4 * max(live, COMPACT_MIN_BYTES):
+                self._compact()
+        with self.lock:
+            waiting = sum(entry.remaining() for entry in self._entries) + len(self._requeued)
+            unsettled = sum(map(len, self._unsettled.values()))
+        if waiting or unsettled:
+            log.info("queue: %d jobs waiting, %d to settle with their workers", waiting, unsettled)
+
+    def _replay(self, record, size):
+        """Apply one journal line to memory (at start-up, before anything else runs)."""
+        batch = record.get("b")
+        entries = [QueueEntry(key, seq, batch["at"], spec) for seq, (key, spec) in enumerate(
+            zip(batch["ids"], batch["specs"]), batch["seq"])] if batch else []
+        entries += [QueueEntry.from_record(spec) for spec in record.get("s", ())]
+        for entry in entries:
+            self._seq = max(self._seq, entry.seq + 1)
+            if entry.key not in self._ids:
+                self._add(entry, size // len(entries))
+        spent = {}
+        for job_id, spec, index, state, worker_id, outcome in record.get("j", ()):
+            entry = self._ids.get(spec["id"])
+            if not isinstance(entry, QueueEntry) or entry.seq != spec["seq"]:
+                entry = spent.get(spec["id"]) or QueueEntry.from_record(spec)
+                spent[spec["id"]] = entry
+            job = QueueJob(job_id, entry, index, state, worker_id,
+                           tuple(outcome) if outcome else None)
+            self._ids[job_id] = job
+            if state == "ended":
+                self._remember(job)
+        for job_id, worker_id in record.get("d", ()):
+            self._replay_state(job_id, "unsettled", worker_id)
+        for job_id, worker_id in record.get("r", ()):
+            self._replay_state(job_id, "running", worker_id)
+        for job_id in record.get("q", ()):
+            self._replay_state(job_id, "queued")
+        for end in record.get("e", ()):
+            job = self._replay_state(end[0], "ended")
+            if job is not None:
+                job.outcome = tuple(end[1:])
+                self._remember(job)
+        for key in record.get("m", ()):
+            entry = self._ids.get(key)
+            if isinstance(entry, QueueEntry) and entry.cancelled is None:
+                entry.unmet = -1
+        for key, reason in record.get("x", ()):
+            item = self._ids.get(key)
+            if isinstance(item, QueueEntry) and (len(key) == 24 or item.count is None):
+                if item.cancelled is None:
+                    self._cancel_entry(item, reason)
+                continue
+            found = self._find(key)
+            if found is not None and found[2] is None and found[0].waits(found[1]):
+                self._cancel_element(found[0], found[1])
+
+    def _replay_state(self, job_id, state, worker_id=None):
+        """Move a job to state, making it from its entry if need be; never back from ended."""
+        found = self._find(job_id)
+        if found is None:
+            return None
+        entry, index, job = found
+        if job is None:
+            job = QueueJob(job_id, entry, index)
+            self._ids[job_id] = job
+            entry.next = max(entry.next, index + 1)
+            if entry.skip:
+                entry.skip = {i for i in entry.skip if i >= entry.next} or None
+            if entry in self._entries and entry.remaining() == 0:
+                self._used_up(entry)
+        if job.state == "ended":
+            return None
+        job.state = state
+        if worker_id is not None:
+            job.worker_id = worker_id
+        return job
+
+
 class Scheduler(_Role):
-    """The cluster's front door: a registry of workers and a router for their jobs.
+    """The cluster's front door: a registry of workers, a router for their jobs, and a queue.
 
-    Library use: ``Scheduler(listen="127.0.0.1:0")``, then start_serving() (or ``with``),
-    ``address``, close(). RPCs: register, deregister, heartbeat, start, start_all, stop, query,
-    output, jobs, workers, info; JSON routes POST /start /start_all /stop /query, GET /workers /jobs.
-    It keeps no database: after a restart workers register again and jobs it does not know are
-    asked of the online workers in parallel."""
+    Library use: ``Scheduler(listen="127.0.0.1:0", state_dir=DIR)``, then start_serving() (or
+    ``with``), ``address``, close(). RPCs: register, deregister, heartbeat, job_ended, start,
+    start_all, submit, stop, query, output, wait, jobs, workers, info; JSON routes POST /start
+    /start_all /submit /stop /query, GET /workers /jobs, and the status pages. The queue (see
+    JobQueue) is kept in ``state_dir``; without one, in memory only. Workers register again
+    after a restart; jobs it does not know are asked of the online workers in parallel."""
 
-    def __init__(self, listen=DEFAULT_SCHEDULER, rpc_timeout=10.0, max_request=MiB,
-                 read_timeout=30.0, token=None, tls_cert=None, tls_key=None, tls_ca=None,
-                 insecure=False, security=None):
+    def __init__(self, listen=DEFAULT_SCHEDULER, rpc_timeout=10.0,
+                 max_request=SCHEDULER_MAX_REQUEST, read_timeout=30.0, token=None, tls_cert=None,
+                 tls_key=None, tls_ca=None, insecure=False, security=None, state_dir=None):
         self.security = security or Security(token, tls_cert, tls_key, tls_ca, insecure)
         self.rpc_timeout = rpc_timeout
         self.workers_lock = threading.Lock()
@@ -2713,6 +3890,9 @@ class Scheduler(_Role):
         self._closed = threading.Event()
         self.metrics = Metrics()
         self._began = time.time()  # jobs that ended before are not counted as finished
+        self._dispatch_wanted = threading.Event()  # wakes the dispatcher thread
+        #: held by the one thread asking the workers how lost dependencies ended
+        self._asking = threading.Lock()
         self.server = RPCServer(listen, self.security, {
             "register": self.register, "deregister": self.deregister,
             "heartbeat": self.heartbeat, "start": self.start, "stop": self.stop,
@@ -2721,14 +3901,21 @@ class Scheduler(_Role):
             "output": functools.partial(self.output, relay=True),
             "jobs": self.jobs,
             "workers": self.workers, "info": self.info,
+            "submit": lambda jobs: dumps_id_array(expand_job_ids(*self._submit(jobs), ID_ITEM)),
+            "wait": self.wait, "job_ended": self.job_ended,
         }, json_routes={
             ("POST", "/start"): self._json_start, ("POST", "/stop"): self._json_stop,
             ("POST", "/start_all"): self._json_start_all,
-            ("POST", "/query"): self._json_query,
+            ("POST", "/query"): self._json_query, ("POST", "/submit"): self._json_submit,
             ("GET", "/workers"): lambda request: (200, {"workers": self.workers()}),
             ("GET", "/jobs"): lambda request: (200, {"jobs": self.jobs()}),
         }, max_request=max_request, read_timeout=read_timeout,
             page_routes=StatusPages(self).routes(), metrics=self.metrics)
+        try:
+            self.queue = JobQueue(state_dir)
+        except BaseException:
+            self.server.server_close()
+            raise
         self._threads = []
 
     def start_serving(self):
@@ -2736,13 +3923,19 @@ class Scheduler(_Role):
         watcher = threading.Thread(target=self._watch_workers, name="jobsched-watch", daemon=True)
         watcher.start()
         self._threads.append(watcher)
-        log.info("scheduler listening on %s", self.address)
+        dispatcher = threading.Thread(target=self._dispatch_loop, name="jobsched-dispatch",
+                                      daemon=True)
+        dispatcher.start()
+        self._threads.append(dispatcher)
+        log.info("scheduler listening on %s (queue %s)", self.address,
+                 "in " + self.queue.state_dir if self.queue.state_dir else "in memory only")
         return self
 
     def close(self):
         if self._closed.is_set():
             return
         self._closed.set()
+        self._dispatch_wanted.set()
         self.server.close()
         for thread in self._threads:
             thread.join(timeout=3.0)
@@ -2750,6 +3943,7 @@ class Scheduler(_Role):
             clients = [rec.client for rec in self._workers.values() if rec.client]
         for client in clients:
             client.close()
+        self.queue.close()
         log.info("scheduler stopped")
 
     def _watch_workers(self):
@@ -2829,6 +4023,8 @@ class Scheduler(_Role):
         if old_client is not None and old_client is not rec.client:
             old_client.close()
         log.info("worker %s registered at %s", worker_id, address)
+        self.queue.recheck(worker_id)
+        self._dispatch_wanted.set()
         return worker_id
 
     def deregister(self, worker_id):
@@ -2855,6 +4051,9 @@ class Scheduler(_Role):
             rec.reported_offline = False
         if came_back:
             log.info("worker %s back online", worker_id)
+        if self.queue.has_work():
+            self.queue.try_again(worker_id)
+            self._dispatch_wanted.set()
         return True
 
     def workers(self):
@@ -2867,7 +4066,7 @@ class Scheduler(_Role):
         with self.workers_lock:
             count = len(self._workers)
         return {"role": "scheduler", "version": __version__, "workers": count,
-                "hostname": socket.gethostname()}
+                "hostname": socket.gethostname(), "queued": len(self.queue)}
 
     def _worker(self, worker_id):
         return lookup(self._workers, self.workers_lock, worker_id, "worker")
@@ -3075,16 +4274,48 @@ class Scheduler(_Role):
         return results
 
     def stop(self, *ids):
-        """stop(job_id) or stop(worker_id, job_id): true once the job has ended."""
+        """stop(job_id) or stop(worker_id, job_id): true once the job has ended (a queued job:
+        once it is cancelled)."""
+        job_id = ids[-1] if ids and isinstance(ids[-1], str) else ""
+        deadline = time.monotonic() + self.rpc_timeout
+        while job_id:
+            where = self.queue.cancel(job_id)
+            if where is None:
+                break  # not a job of the queue
+            if where is True:
+                return True
+            if where is not _STARTING:
+                ids = (where, job_id)
+                break
+            if self.queue.wait_to_start(job_id, min(deadline, time.monotonic() + 0.1)) == "queued" \
+                    and time.monotonic() >= deadline:
+                raise Unavailable("job %s is being started on a worker that does not answer"
+                                  % job_id)
         rec, job_id = self._route(ids)
         return rec.client.call("stop", job_id, timeout=self.rpc_timeout + rec.stop_grace + 1)
 
     def query(self, *ids, relay=False):
-        """query(job_id) or query(worker_id, job_id): the job's struct (the RPC relays it)."""
-        rec, job_id = self._route(ids)
-        reply = rec.client.call("query", job_id, relay=relay)
-        self._count_finished([job_end(reply, job_id)])
-        return reply
+        """query(job_id) or query(worker_id, job_id): the job's struct (the RPC relays a
+        worker's reply unparsed; a queue job's gains submitted_at, name and priority)."""
+        queued = ids and isinstance(ids[-1], str) and self.queue.knows(ids[-1])
+        found = self.queue.describe(ids[-1], self._online_ids()) if queued else None
+        if found is None:
+            rec, job_id = self._route(ids)
+            reply = rec.client.call("query", job_id, relay=relay)
+            self._count_finished([job_end(reply, job_id)])
+            return reply
+        struct, worker_id, extras = found
+        if struct is None:
+            struct = self._online_worker(self._worker(worker_id), ids[-1]).client.call(
+                "query", ids[-1])
+            struct.update(extras)
+        return struct
+
+    def _online_ids(self):
+        """{worker_id: labels} of the online workers."""
+        now = time.monotonic()
+        with self.workers_lock:
+            return {rec.worker_id: rec.labels for rec in self._workers.values() if rec.online(now)}
 
     def output(self, job_id, offset, max_bytes, wait_seconds=0, *, relay=False):
         """The job's output from offset, as the worker's output() answers it.
@@ -3093,12 +4324,23 @@ class Scheduler(_Role):
         wait = min(want_number(wait_seconds, "wait_seconds"), MAX_WAIT_SECONDS)
         offset = want_number(offset, "offset", integer=True)
         max_bytes = min(want_number(max_bytes, "max_bytes", integer=True), MAX_OUTPUT_CHUNK)
-        rec, job_id = self._route((job_id,))
+        deadline = time.monotonic() + wait
+        where = self.queue.wait_to_start(job_id, deadline) if isinstance(job_id, str) else None
+        if where in ("queued", "ended"):  # no output: while queued, or never started
+            return {"data": xmlrpc.client.Binary(b""), "offset": wire_int(offset),
+                    "eof": where == "ended"}
+        if where is not None:
+            rec = self._online_worker(self._worker(where), job_id)
+        else:
+            rec, job_id = self._route((job_id,))
+        wait = max(0.0, deadline - time.monotonic())
         return rec.client.call("output", job_id, wire_int(offset), max_bytes, wait,
                                timeout=self.rpc_timeout + wait, relay=relay)
 
     def jobs(self):
-        """Every job of every online worker, asked in parallel."""
+        """The queue's waiting jobs in queue order, then every job of every online worker
+        (asked in parallel), then the queue's ended jobs that no worker listed."""
+        waiting, extras, ended = self.queue.listing(self._online_ids())
         jobs = []
         for rec, result in self._ask_online("jobs"):
             if isinstance(result, list):
@@ -3111,7 +4353,188 @@ class Scheduler(_Role):
                          for job in jobs])
         self._count_finished([(job["job_id"], job.get("state", ""), job["finished_at"])
                               for job in jobs if job.get("finished_at", 0) >= self._began])
-        return jobs
+        listed = set()
+        for job in jobs:
+            listed.add(job["job_id"])
+            if job["job_id"] in extras:
+                job.update(extras[job["job_id"]])
+        return waiting + jobs + [job for job in ended if job["job_id"] not in listed]
+
+    # -- the queue -----------------------------------------------------------------------------
+
+    def submit(self, jobs):
+        """Queue jobs: ``jobs`` is an array of specs (see JOB_SPEC_FIELDS); answers their job
+        ids in order, once they are on disk. All or nothing: a bad spec is fault 2 naming it,
+        an unknown job in ``after`` or an unknown ``worker_id`` fault 1."""
+        return list(expand_job_ids(*self._submit(jobs)))
+
+    def _submit(self, jobs):
+        """submit(), answering JobQueue.submit()'s keys and the specs they stand for."""
+        if not isinstance(jobs, list):
+            raise BadRequest("jobs must be an array of job specs")
+        specs = [parse_job_spec(spec, "jobs[%d]" % i) for i, spec in enumerate(jobs)]
+        if any("all" in spec for spec in specs):
+            specs = self._spread(specs)
+        if sum(spec.get("array", 1) for spec in specs) > MAX_SUBMIT_JOBS:
+            raise BadRequest("at most %d jobs per submit, arrays counted in full" % MAX_SUBMIT_JOBS)
+        with self.workers_lock:
+            known_workers = set(self._workers)
+        dep_states = {}
+        for i, spec in enumerate(specs):
+            if spec.get("worker_id") and spec["worker_id"] not in known_workers:
+                raise NotFound("jobs[%d].worker_id: worker not found: %s"
+                               % (i, _short(spec["worker_id"])))
+            if spec.get("worker_id") and spec.get("on"):
+                self._check_on(self._worker(spec["worker_id"]), spec["on"])
+            for dep in spec.get("after", ()):
+                if dep in dep_states or self.queue.knows(dep):
+                    continue
+                try:  # a job started without the queue: its worker knows how it is doing
+                    rec, _ = self._route((dep,))
+                    struct = rec.client.call("query", dep)
+                except JobschedError as e:
+                    message = "unknown job %s" % dep if isinstance(e, NotFound) else str(e)
+                    raise type(e)("jobs[%d].after: %s" % (i, message))
+                dep_states[dep] = struct["state"] if struct.get("done") else None
+        keys = self.queue.submit(specs, dep_states)
+        self._dispatch_wanted.set()
+        return keys, specs
+
+    def _spread(self, specs):
+        """Each spec with ``all`` true stands for one job per matching online worker, pinned to
+        it (fault 3 if none matches); specs with ``all`` false are as they were."""
+        spread = []
+        for i, spec in enumerate(specs):
+            if not spec.pop("all", False):
+                spread.append(spec)
+                continue
+            if spec.get("worker_id"):
+                raise BadRequest("jobs[%d]: all and worker_id exclude each other" % i)
+            try:
+                records = self._matching_online(spec.get("on") or {})
+            except Unavailable as e:
+                raise Unavailable("jobs[%d].all: %s" % (i, e))
+            spread.extend(dict(spec, worker_id=rec.worker_id) for rec in records)
+        return spread
+
+    def job_ended(self, worker_id, jobs):
+        """A worker's report of jobs that ended (their structs, or JOB_END_KEYS of them), sent
+        at once: the scheduler starts queued jobs in the freed slots and settles what waits on
+        them; true."""
+        want_str(worker_id, "worker_id", limit=256)
+        if not isinstance(jobs, list):
+            raise BadRequest("jobs must be an array of job structs")
+        self.queue.jobs_ended(worker_id, [want_struct(job, "jobs[%d]" % i)
+                                          for i, job in enumerate(jobs)])
+        self._dispatch_wanted.set()
+        return True
+
+    def wait(self, job_ids, wait_seconds=0):
+        """Wait until one of job_ids has ended or wait_seconds (at most 60) pass; answers
+        [{job_id, state}] of those that have ended ([] if none has yet)."""
+        if not isinstance(job_ids, list) or len(job_ids) > MAX_SUBMIT_JOBS:
+            raise BadRequest("job_ids must be an array of at most %d job ids" % MAX_SUBMIT_JOBS)
+        for i, job_id in enumerate(job_ids):
+            want_str(job_id, "job_ids[%d]" % i, limit=256, empty=False)
+        wait = min(want_number(wait_seconds, "wait_seconds"), MAX_WAIT_SECONDS)
+        deadline = time.monotonic() + wait
+        ended = []
+        for job_id in job_ids:
+            if not self.queue.knows(job_id):  # started without the queue: ask its worker
+                struct = self.query(job_id)
+                if struct["done"]:
+                    ended.append({"job_id": job_id, "state": struct["state"]})
+        if ended:
+            return ended
+        return [{"job_id": job_id, "state": state}
+                for job_id, state in self.queue.wait_any(job_ids, deadline)]
+
+    def _dispatch_loop(self):
+        """Hand queued jobs to free slots whenever one may have freed: woken by submit,
+        job_ended, register, heartbeat and each finished call, else once a second. Each call
+        to a worker runs in a thread of its own (at most one per free slot), so a slow worker
+        holds up no other and a worker starts several batches at once."""
+        turn = 0
+        while True:
+            self._dispatch_wanted.wait(1.0)
+            self._dispatch_wanted.clear()
+            if self._closed.is_set():
+                return
+            try:
+                now, turn = time.monotonic(), turn + 1
+                with self.workers_lock:
+                    workers = [(rec.worker_id, rec.slots, rec.labels, rec.client)
+                               for rec in self._workers.values()
+                               if rec.online(now) and rec.client is not None]
+                first = turn % len(workers) if workers else 0
+                workers = workers[first:] + workers[:first]  # ties go round
+                starts, settles = self.queue.plan([worker[:3] for worker in workers])
+                for worker_id, _, _, client in workers:
+                    for calls, settle in ((starts, False), (settles, True)):
+                        if worker_id in calls:
+                            _thread.start_new_thread(self._call_worker, (
+                                worker_id, client, calls[worker_id], settle))
+                if self.queue.dependencies_to_ask() and self._asking.acquire(blocking=False):
+                    _thread.start_new_thread(self._ask_dependencies, ())
+            except Exception:
+                log.exception("internal error in the dispatcher")
+
+    def _call_worker(self, worker_id, client, jobs, settle):
+        """Start jobs on a worker (settle: first ask it about each), then tell the queue."""
+        answers = None
+        try:
+            answers = [None] * len(jobs)
+            to_start = list(range(len(jobs)))
+            if settle:
+                to_start, ended = [], []
+                for i, job in enumerate(jobs):
+                    try:
+                        struct = client.call("query", job.job_id)
+                    except NotFound:
+                        if job.state == "running":  # its worker lost it (a new state dir?)
+                            ended.append({"job_id": job.job_id, "state": "lost", "error_text":
+                                          "lost: worker %s no longer knows the job" % worker_id})
+                        else:
+                            to_start.append(i)  # never started there: start it, same id
+                        continue
+                    except Unavailable:
+                        continue  # still unknown
+                    answers[i] = job.job_id
+                    if struct.get("done"):
+                        ended.append(struct)
+                self.queue.jobs_ended(worker_id, ended)
+            if to_start:
+                items = [jobs[i].entry.start_item(jobs[i].job_id, jobs[i].index) for i in to_start]
+                try:
+                    replies = client.call("start_many", items)
+                except Unreachable:
+                    replies = [None] * len(items)  # it may have started them: settle later
+                except JobschedError as e:
+                    replies = [e] * len(items)
+                for i, reply in zip(to_start, replies):
+                    answers[i] = reply
+        except Exception:
+            log.exception("internal error while starting jobs on worker %s", worker_id)
+        finally:
+            self.queue.started(worker_id, jobs, answers, settle)
+            self._dispatch_wanted.set()
+
+    def _ask_dependencies(self):
+        """Ask the workers how the dependencies the queue lost track of (a restart) ended."""
+        try:
+            for job_id in self.queue.dependencies_to_ask():
+                try:
+                    rec, _ = self._route((job_id,))
+                    struct = rec.client.call("query", job_id)
+                except JobschedError:
+                    continue  # its worker is not back yet: asked again later
+                if struct.get("done"):
+                    self.queue.jobs_ended(None, [struct])
+        except Exception:
+            log.exception("internal error while asking about dependencies")
+        finally:
+            self._closed.wait(2.0)  # at most one round every two seconds
+            self._asking.release()
 
     def _count_finished(self, ends):
         """Count each (job_id, state, finished_at) once in jobsched_jobs_finished_total, if the
@@ -3122,8 +4545,8 @@ class Scheduler(_Role):
 
     def _queued_for_page(self, limit):
         """The first ``limit`` queued jobs for the status page: structs with job_id, position,
-        reason and what to run. There is no queue yet; the queue fills this in."""
-        return []
+        reason and what to run."""
+        return self.queue.first_waiting(self._online_ids(), limit)
 
     # -- placement by labels, fan-out ----------------------------------------------------------
 
@@ -3239,6 +4662,10 @@ class Scheduler(_Role):
     def _json_start_all(self, request):
         options = self._json_options(request)
         return 201, {"jobs": self.start_all(request["command"], request.get("path") or "", options)}
+
+    def _json_submit(self, request):
+        self._fields(request, ("jobs",))
+        return 201, {"job_ids": self.submit(request["jobs"])}
 
     def _json_stop(self, request):
         self._fields(request, ("job_id",), ("worker_id",))
@@ -3961,8 +5388,8 @@ class _PlainHTTPToTLS(Unreachable):
 
 class Client(RPCClient):
     """What programs and the command line call: one method per RPC of the scheduler and the
-    worker (start, start_all, stop, query, output, jobs, workers, info, register, deregister,
-    heartbeat), plus follow(). Same arguments as the RPCs; see RPCClient for addresses and errors.
+    worker (start, start_all, submit, stop, query, output, wait, jobs, workers, info, register,
+    deregister, heartbeat), plus follow(). Same arguments as the RPCs; see RPCClient for addresses and errors.
 
     ``from_env()`` builds a client of the scheduler configured as the command line is. A client
     made with ``expect_role="scheduler"`` (as from_env() makes it) that finds a worker at its
@@ -4005,15 +5432,19 @@ class Client(RPCClient):
         try:
             return super().call(method, *params, **kwargs)
         except (BadRequest, NotFound) as e:  # e.g. "unknown method workers", "job not found"
-            if self.expect_role == "scheduler" and method != "info" and self._is_a_worker():
-                raise type(e)("%s is a jobsched worker, not the scheduler" % self.address) from None
-            raise
+            raise self._wrong_role(e, method) from None
         except Unreachable as e:
             if self._tls_context is None and isinstance(e.__context__, _TLS_PORT_SYMPTOMS) \
                     and _speaks_tls(self.address, self.timeout):
                 raise _PlainHTTPToTLS("%s speaks TLS: use https://%s or --tls-ca"
                                       % (self.address, self.address)) from None
             raise
+
+    def _wrong_role(self, error, method):
+        """error, or what to say instead if this client of the scheduler has met a worker."""
+        if self.expect_role == "scheduler" and method != "info" and self._is_a_worker():
+            return type(error)("%s is a jobsched worker, not the scheduler" % self.address)
+        return error
 
     def _is_a_worker(self):
         try:
@@ -4032,6 +5463,28 @@ class Client(RPCClient):
         # The scheduler answers once every worker has, each within its own rpc timeout.
         return self.call("start_all", command, path, *([options] if options is not None else []),
                          timeout=self.timeout + 60)
+
+    def submit(self, jobs):
+        """Scheduler: queue job specs; their job ids, in order."""
+        # The scheduler parses about 20000 specs a second, and more on a fast machine.
+        reply = self.call("submit", jobs, relay=True, timeout=self.timeout + len(jobs) / 5000.0)
+        job_ids = parse_id_array(reply)
+        if job_ids is None:  # a fault, or another server's way of writing the array
+            try:
+                job_ids = xmlrpc.client.loads(reply)[0][0]
+            except xmlrpc.client.Fault as fault:
+                error = error_from_fault(fault)
+                if isinstance(error, (BadRequest, NotFound)):
+                    error = self._wrong_role(error, "submit")
+                raise error from None
+            except (pyexpat.ExpatError, xmlrpc.client.ResponseError, IndexError):
+                raise Unreachable("%s sent a reply that is not XML-RPC" % self.address) from None
+        return job_ids
+
+    def wait(self, job_ids, wait_seconds=30):
+        """Scheduler: [{job_id, state}] of those job_ids that have ended, once one has (or
+        after wait_seconds)."""
+        return self.call("wait", list(job_ids), wait_seconds, timeout=self.timeout + wait_seconds)
 
     def stop(self, *ids):
         """True once the job has ended: waits as long as its worker's grace period allows (a
@@ -4208,7 +5661,7 @@ def _serve_until_signal(role, banner):
 
 def cmd_scheduler(args):
     scheduler = Scheduler(args.listen, rpc_timeout=args.rpc_timeout, max_request=args.max_request,
-                          security=_security_from_args(args))
+                          security=_security_from_args(args), state_dir=args.state_dir)
     return _serve_until_signal(scheduler, "jobsched scheduler listening on %s")
 
 
@@ -4313,6 +5766,94 @@ class _Follower:
         return "the job goes on: jobsched.py logs -f --offset %d %s" % (self.offset, self.job_id)
 
 
+def _queue_spec(args, words, ids):
+    """The submit() spec of one command line (words), with the job options given; ids: the
+    whole ids of --worker and --after (see _queue_ids)."""
+    spec = _start_options(args)
+    spec.update(command=words[0], args=words[1:], path=args.path)
+    spec.update(ids)
+    for key in ("name", "priority", "array"):  # run has none of these
+        spec[key] = getattr(args, key, None)
+    return {key: value for key, value in spec.items() if value}
+
+
+def _queue_ids(client, args):
+    """--worker and --after as whole ids (they may be prefixes)."""
+    return {"worker_id": _resolve(client, args.worker, "worker") if args.worker else "",
+            "after": [_resolve(client, job_id, "job") for job_id in getattr(args, "after", ())]}
+
+
+def _submit_from_args(client, args):
+    """Queue the job of a run command line; says once on stderr if it has to wait."""
+    if not args.command:
+        raise ConfigError("no command given: jobsched %s [options] -- COMMAND [ARG...]" % args.cmd)
+    (job_id,) = client.submit([_queue_spec(args, args.command, _queue_ids(client, args))])
+    client.output(job_id, 0, 0, 0.25)  # answers as soon as the job has started, if it does
+    job = client.query(job_id)
+    if job["state"] == "queued" and job.get("position", 0) >= 1:
+        print("jobsched: job %s queued (position %d: %s)"
+              % (job_id, job["position"], job["reason"]), file=sys.stderr, flush=True)
+    return job_id
+
+
+def _read_job_lines(path):
+    """The command lines of a --file: one job a line, split like a shell would, blank lines
+    and # comments skipped."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("cannot read %s: %s" % (path, getattr(e, "strerror", None) or e))
+    jobs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise ConfigError("%s, line %d: %s" % (path, number, e))
+        if words:
+            jobs.append(words)
+    if not jobs:
+        raise ConfigError("%s holds no job" % path)
+    return jobs
+
+
+def cmd_submit(args):
+    if args.file and args.command:
+        raise ConfigError("give either --file FILE or -- COMMAND [ARG...], not both")
+    if not args.file and not args.command:
+        raise ConfigError("no command given: jobsched submit [options] -- COMMAND [ARG...], "
+                          "or --file FILE")
+    lines = _read_job_lines(args.file) if args.file else [args.command]
+    client = _client_from_args(args)
+    ids = _queue_ids(client, args)
+    specs = [_queue_spec(args, words, ids) for words in lines]
+    per_call = max(1, MAX_SUBMIT_JOBS // (args.array or 1))
+    for start in range(0, len(specs), per_call):
+        job_ids = client.submit(specs[start:start + per_call])
+        sys.stdout.write("".join(job_id + "\n" for job_id in job_ids))
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_wait(args):
+    client = _client_from_args(args)
+    pending = dict.fromkeys(args.job_id or [job["job_id"] for job in client.jobs()
+                                            if not job["done"]])
+    status = 0
+    while pending:  # ask about 10000 at a time: each call carries its ids
+        for ended in client.wait(list(itertools.islice(pending, 10000)), 30):
+            if ended["job_id"] in pending:
+                del pending[ended["job_id"]]
+                print("%s %s" % (ended["job_id"], ended["state"]), flush=True)
+                status = status or int(ended["state"] != "succeeded")
+    return status
+
+
+
+
 def job_exit_status(job):
     """The status a shell would give: the exit code, 128+N when killed by signal N, else 1."""
     if "exit_code" in job:
@@ -4344,14 +5885,21 @@ def _raise_signalled(signum, frame):
 
 
 def _place_job(client, args):
-    """Start the job the command line describes; returns its id."""
-    return _start_from_args(client, args)
+    """Queue the job the command line describes (it starts at once if a slot is free); returns
+    its id, having said on stderr if it has to wait."""
+    return _submit_from_args(client, args)
 
 
-def _announce(client, job_id):
-    """Say where the job runs, so that it can always be found again."""
+def _announce(client, job_id, follower):
+    """Say where the job runs, once it runs, so that it can always be found again."""
     try:
-        worker_id = client.query(job_id)["worker_id"]
+        job = follower.call(client.query, job_id)
+        while job["state"] == "queued":  # output() answers once the job has started
+            follower.call(client.output, job_id, 0, 0, 10)
+            job = follower.call(client.query, job_id)
+        if "worker_id" not in job or "pid" not in job:  # cancelled or refused before it started
+            return
+        worker_id = job["worker_id"]
         hostnames = {w["worker_id"]: w.get("hostname") for w in client.workers()}
     except JobschedError:
         _say("job %s" % job_id)
@@ -4389,7 +5937,7 @@ def _run_to_the_end(client, job_id, args):
             if not announced:
                 announced = True
                 if not args.quiet:
-                    _announce(client, job_id)
+                    _announce(client, job_id, follower)
             if stop_asked is not None and not stopped:
                 follower.call(client.stop, job_id)
                 stopped = True
@@ -4418,7 +5966,9 @@ def _run_to_the_end(client, job_id, args):
         except JobschedError as e:
             _say("error: %s; %s" % (e, follower.resume_hint()))
             return 255
-    if job["state"] == "timeout":
+    if job["state"] in ("failed", "cancelled") and "exit_code" not in job and "signal" not in job:
+        _say("error: %s" % (job.get("error_text") or job["state"]))  # it never started
+    elif job["state"] == "timeout":
         _say("job %s timed out after %s s" % (job_id, "%g" % args.timeout if args.timeout else "?"))
     elif job["state"] not in ("succeeded", "failed"):
         _say("job %s %s" % (job_id, _outcome(job)))
@@ -4825,8 +6375,6 @@ def build_parser():
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument("--insecure", action="store_true",
                         help="allow listening on a non-loopback address without token or mutual TLS")
-    server.add_argument("--max-request", metavar="BYTES", type=_positive(int), default=MiB,
-                        help="largest request body accepted (default: %(default)s)")
     server.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"], help="(default: %(default)s)")
 
@@ -4840,8 +6388,15 @@ def build_parser():
         sub.set_defaults(func=func)
         return sub
 
+    def max_request(sub, default):
+        sub.add_argument("--max-request", metavar="BYTES", type=_positive(int), default=default,
+                         help="largest request body accepted (default: %(default)s)")
+
     sub = command("scheduler", "run the scheduler", cmd_scheduler, (security, server))
     sub.add_argument("--listen", metavar="HOST:PORT", default=DEFAULT_SCHEDULER, help="(default: %(default)s)")
+    sub.add_argument("--state-dir", metavar="DIR", default=default_scheduler_state_dir(),
+                     help="the queue's journal, locked by one scheduler (default: %(default)s)")
+    max_request(sub, SCHEDULER_MAX_REQUEST)
 
     sub = command("worker", "run a worker", cmd_worker, (security, server))
     sub.add_argument("--listen", metavar="HOST:PORT", default=DEFAULT_WORKER,
@@ -4874,6 +6429,8 @@ def build_parser():
     sub.add_argument("--label", metavar="KEY=VALUE", action="append", default=[],
                      help="a label jobs can ask for with --on (repeatable); host, os and arch "
                           "are built in")
+
+    max_request(sub, MiB)
 
     id_help = "%s id, or a unique prefix of 8 characters or more"
 
@@ -4910,6 +6467,22 @@ def build_parser():
     sub.add_argument("--gather", action="store_true",
                      help="with --all: once all have ended, print each distinct output once, "
                           "under the hosts that printed it")
+    sub = command("submit", "queue jobs and print their ids, one a line", cmd_submit)
+    sub.add_argument("--name", help="free text for people")
+    sub.add_argument("--priority", type=int, default=0,
+                     help="higher starts first, equal ones in submission order "
+                          "(default: %(default)s)")
+    sub.add_argument("--after", metavar="JOB_ID", action="append", default=[],
+                     help="start only once this job has succeeded (repeatable)")
+    sub.add_argument("--array", metavar="N", type=_positive(int),
+                     help="N jobs, each with JOBSCHED_ARRAY_INDEX=0..N-1 in its environment")
+    sub.add_argument("--file", metavar="FILE",
+                     help="one job per line of FILE ('-': stdin), split like a shell command line; "
+                          "blank lines and # comments skipped")
+    job_options(sub)
+    sub = command("wait", "wait until jobs have ended, printing 'JOB_ID STATE' as each does; "
+                  "exit 0 if all succeeded", cmd_wait)
+    sub.add_argument("job_id", nargs="*", help="(default: every queued and running job)")
     sub = command("stop", "stop a job (TERM, then KILL after the grace period)", cmd_stop)
     sub.add_argument("job_id", help=id_help % "job")
     sub = command("query", "show a job's state", cmd_query)

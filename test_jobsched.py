@@ -5,6 +5,7 @@ Run: python3 -m unittest -v test_jobsched
 
 import base64
 import hashlib
+import functools
 import http.client
 import http.server
 import json
@@ -98,20 +99,29 @@ class ClusterTestCase(unittest.TestCase):
         return wait_until(lambda: (lambda j: j if j["done"] else None)(client.query(job_id)),
                           timeout=timeout, message="job %s to finish" % job_id)
 
+    def with_state_dir(self, args):
+        """A scheduler's arguments with a state dir of its own: schedulers started by tests
+        must not share (and lock) the default one."""
+        if args and args[0] == "scheduler" and "--state-dir" not in args:
+            return list(args) + ["--state-dir", self.tempdir()]
+        return list(args)
+
     def cli(self, *args, env=None, timeout=30, input=None):
         """Run `python jobsched.py ARGS` as a user would; returns CompletedProcess (bytes)."""
+        args = self.with_state_dir(args)
         full_env = dict(os.environ)
         full_env.pop("JOBSCHED_TOKEN", None)
         full_env.update(env or {})
+        stdin = {"stdin": subprocess.DEVNULL} if input is None else {"input": input}  # 3.6: not both
         return subprocess.run([sys.executable, JOBSCHED] + list(args), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=full_env, timeout=timeout,
-                              stdin=subprocess.DEVNULL if input is None else None, input=input)
+                              stderr=subprocess.PIPE, env=full_env, timeout=timeout, **stdin)
 
     def spawn(self, *args, env=None):
         """Start a long-running role (scheduler/worker) as a real process; returns (proc, address).
 
         The address is read from its 'listening on HOST:PORT' line; its log (stderr) goes to
-        the file proc.log_path."""
+        the file proc.log_path. A scheduler gets a state dir of its own unless args give one."""
+        args = self.with_state_dir(args)
         full_env = dict(os.environ)
         full_env.update(env or {})
         log_path = os.path.join(self.tempdir(), "stderr.log")
@@ -2501,7 +2511,7 @@ class ClientMessagesTest(ClusterTestCase):
     def test_no_worker_online_and_no_free_slot(self):
         scheduler = self.scheduler()
         env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
-        self.assertEqual(self.cli_error("run", "--", "true", env=env),
+        self.assertEqual(self.cli_error("start", "--", "true", env=env),
                          "jobsched: error: no worker is online (0 registered, 0 online)")
         w = self.worker(scheduler, slots=1, heartbeat=30)
         c = self.client(scheduler)
@@ -2517,7 +2527,7 @@ class ClientMessagesTest(ClusterTestCase):
         scheduler, (w,), c = self.cluster(1)
         os.rename(w.state_dir, w.state_dir + ".gone")
         self.addCleanup(os.rename, w.state_dir + ".gone", w.state_dir)
-        message = self.cli_error("run", "--", "true", env=cli_env(JOBSCHED_SCHEDULER=scheduler.address))
+        message = self.cli_error("start", "--", "true", env=cli_env(JOBSCHED_SCHEDULER=scheduler.address))
         self.assertEqual(message, "jobsched: error: worker %s refused the job: cannot write job "
                                   "output in %s: No such file or directory" % (w.worker_id, w.state_dir))
 
@@ -2949,7 +2959,7 @@ class PosixSpawnTest(SpawnPathTests, ClusterTestCase):
 # ---------------------------------------------------------------------------------------------
 
 SCHEDULER_METRICS = {
-    "jobsched_workers", "jobsched_worker_slots", "jobsched_worker_running",
+    "jobsched_workers", "jobsched_worker_slots", "jobsched_worker_running", "jobsched_jobs_queued",
     "jobsched_jobs_started_total", "jobsched_jobs_finished_total", "jobsched_rpc_requests_total",
     "jobsched_rpc_duration_seconds", "process_resident_memory_bytes", "process_cpu_seconds_total",
     "process_open_fds", "process_start_time_seconds"}
@@ -3091,6 +3101,7 @@ class MetricsFormatTest(ClusterTestCase):
         self.assertEqual(metric(samples, "jobsched_worker_slots", worker_id="w-1", host='h"\\\n'), 1)
         self.assertEqual(metric(samples, "jobsched_workers", state="online"), 1)
         self.assertEqual(metric(samples, "jobsched_jobs_finished_total", state="succeeded"), 0)
+        self.assertEqual(metric(samples, "jobsched_jobs_queued"), 0)
         types, samples = parse_metrics(jobsched.worker_metrics(worker).decode())
         self.assertEqual(set(types), WORKER_METRICS)
         self.assertEqual(metric(samples, "jobsched_slots"), 4)
@@ -3098,10 +3109,10 @@ class MetricsFormatTest(ClusterTestCase):
         self.assertGreater(metric(samples, "process_resident_memory_bytes"), 1000000)
         self.assertGreater(metric(samples, "process_open_fds"), 2)
         self.assertLess(abs(metric(samples, "process_start_time_seconds") - time.time()), 3600)
-        # once the scheduler has a queue, its length is written too
-        scheduler.queue = [1, 2, 3]
+        # queued jobs: pinned to w-1, offline once deregistered, they wait
+        self.client(scheduler).deregister("w-1")
+        self.client(scheduler).submit([{"command": "true", "worker_id": "w-1", "array": 3}])
         types, samples = parse_metrics(jobsched.scheduler_metrics(scheduler).decode())
-        self.assertEqual(set(types), SCHEDULER_METRICS | {"jobsched_jobs_queued"})
         self.assertEqual(metric(samples, "jobsched_jobs_queued"), 3)
 
     def test_utf8_tails(self):
@@ -3251,7 +3262,7 @@ class StatusPageTest(ClusterTestCase):
         self.assertEqual(sorted(rows), sorted([("", ok), (' class="bad"', failed), ("", running)]))
         self.assertIn("<h2>Running (1)</h2>", page)
         self.assertIn("<h2>Finished (the latest 2 of 2)</h2>", page)
-        self.assertNotIn("Queue", page)  # no queue yet
+        self.assertIn("<h2>Queue (0)</h2>", page)
 
     def test_job_route_answers_html_or_the_json_struct(self):
         scheduler, _, client = self.cluster(1)
@@ -4817,6 +4828,439 @@ class FanOutTest(ClusterTestCase):
         self.assertIn("jobsched: stopping 3 jobs", err.decode())
         for name in workers:
             self.assertIn("jobsched: %s: signal: terminated\n" % self.names[name], err.decode())
+
+
+def append_job(path, text, **spec):
+    """A submit() spec whose job appends the line text to path (unique markers show each run)."""
+    return dict(spec, command="sh", args=["-c", 'echo "$1" >> "$2"', "sh", text, path])
+
+
+def read_lines(path):
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+
+class QueueTest(ClusterTestCase):
+    """The queue through the library: order, dependencies, arrays, pinning, cancel, failures,
+    the submit contract, and what a restart on the same state dir keeps."""
+
+    def queue_cluster(self, workers=1, slots=1):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        started = [self.worker(scheduler, slots=slots) for _ in range(workers)]
+        client = self.client(scheduler)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == workers,
+                   message="workers to register")
+        return scheduler, started, client
+
+    def hold_slot(self, client, **spec):
+        """Queue a job that keeps its slot until the returned release() is called."""
+        gate = os.path.join(self.tempdir(), "gate")
+        (job_id,) = client.submit([dict(spec, command="sh", args=[
+            "-c", 'while [ ! -e "$1" ]; do sleep 0.02; done', "sh", gate])])
+        release = functools.partial(open, gate, "a")
+        self.addCleanup(lambda: release().close())
+        wait_until(lambda: client.query(job_id)["state"] == "running", message="the holder to run")
+        return job_id, lambda: release().close()
+
+    def test_priority_then_submission_order_on_one_slot(self):
+        _, _, client = self.queue_cluster()
+        holder, release = self.hold_slot(client, name="holder", priority=7)
+        running = client.query(holder)
+        self.assertEqual((running["state"], running["name"], running["priority"]), ("running", "holder", 7))
+        self.assertIn("submitted_at", running)
+        out = os.path.join(self.tempdir(), "order")
+        names = ["low", "high-1", "mid", "high-2", "negative"]
+        ids = client.submit([append_job(out, name, name=name, priority=priority)
+                             for name, priority in zip(names, [0, 5, 1, 5, -1])])
+        self.assertEqual(len(set(ids)), 5)
+        queued = [job for job in client.jobs() if job["state"] == "queued"]
+        self.assertEqual([job["name"] for job in queued], ["high-1", "high-2", "mid", "low", "negative"])
+        self.assertEqual([job["position"] for job in queued], [1, 2, 3, 4, 5])
+        job = client.query(ids[0])
+        self.assertEqual(set(job), {"job_id", "worker_id", "command", "path", "args", "name",
+                                    "priority", "after", "state", "done", "error", "error_text",
+                                    "submitted_at", "position", "reason"})
+        self.assertEqual((job["state"], job["done"], job["position"], job["reason"], job["args"][3]),
+                         ("queued", False, 4, "waiting for a free slot", "low"))
+        output = client.output(ids[0], 0, 100, 0.2)  # waits, then: nothing yet, not the end
+        self.assertEqual((output["data"], output["eof"]), (b"", False))
+        release()
+        for job_id in ids:
+            self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+        self.assertEqual(read_lines(out), ["high-1", "high-2", "mid", "low", "negative"])
+        job = client.query(ids[1])
+        self.assertEqual((job["name"], job["priority"], job["exit_code"]), ("high-1", 5, 0))
+        self.assertIn("submitted_at", job)
+
+    def test_dependencies_chain_and_failure_cascade(self):
+        _, _, client = self.queue_cluster(slots=4)
+        out = os.path.join(self.tempdir(), "chain")
+        first, release = self.hold_slot(client)
+        (a,) = client.submit([append_job(out, "a", after=[first])])
+        (b,) = client.submit([append_job(out, "b", after=[a])])
+        (c,) = client.submit([append_job(out, "c", after=[first, b])])
+        self.assertEqual(client.query(b)["reason"], "waiting for %s" % a)
+        self.assertEqual(client.query(c)["reason"], "waiting for %s" % first)
+        self.assertEqual(client.query(c)["after"], [first, b])
+        release()
+        self.assertEqual(self.wait_done(client, c)["state"], "succeeded")
+        self.assertEqual(read_lines(out), ["a", "b", "c"])
+
+        (failing,) = client.submit([{"command": "sh", "args": ["-c", "exit 3"]}])
+        (g,) = client.submit([append_job(out, "g", after=[failing])])
+        (h,) = client.submit([append_job(out, "h", after=[g]), append_job(out, "i", array=2, after=[g])])[:1]
+        job = self.wait_done(client, h)
+        self.assertEqual((job["state"], job["done"], job["error"], job["error_text"]),
+                         ("cancelled", True, True, "cancelled: dependency %s ended cancelled" % g))
+        self.assertEqual(client.query(g)["error_text"], "cancelled: dependency %s ended failed" % failing)
+        (late,) = client.submit([{"command": "true", "after": [failing]}])  # ended already
+        self.assertEqual(self.wait_done(client, late)["state"], "cancelled")
+        output = client.output(g, 0, 100, 5)
+        self.assertEqual((output["data"], output["eof"]), (b"", True))
+
+        started = client.start("", "sh", "", {"args": ["-c", "exit 4"]})  # not from the queue
+        (d,) = client.submit([{"command": "true", "after": [started]}])
+        self.assertEqual(self.wait_done(client, d)["error_text"],
+                         "cancelled: dependency %s ended failed" % started)
+        self.assertEqual(read_lines(out), ["a", "b", "c"])
+
+        before = len(client.jobs())
+        unknown = str(uuid.uuid4())
+        error = fault_of(client.submit, [{"command": "true"}, {"command": "true", "after": [unknown]}])
+        self.assertIsInstance(error, jobsched.NotFound)
+        self.assertEqual(str(error), "jobs[1].after: unknown job %s" % unknown)
+        self.assertEqual(len(client.jobs()), before)  # all or nothing
+
+    def test_array_jobs_get_their_index(self):
+        _, _, client = self.queue_cluster(slots=4)
+        ids = client.submit([{"command": "sh", "args": ["-c", "echo $JOBSCHED_ARRAY_INDEX"],
+                              "array": 5, "name": "sweep"}])
+        self.assertEqual(len(set(ids)), 5)
+        for index, job_id in enumerate(ids):
+            self.assertEqual(str(uuid.UUID(job_id)), job_id)
+            job = self.wait_done(client, job_id)
+            self.assertEqual((job["state"], job["name"]), ("succeeded", "sweep"))
+            self.assertEqual(client.output(job_id)["data"], b"%d\n" % index)
+
+    def test_pinned_jobs_wait_for_their_worker_without_holding_up_others(self):
+        scheduler, (w1, w2), client = self.queue_cluster(workers=2)
+        out = os.path.join(self.tempdir(), "pinned")
+        _, release = self.hold_slot(client, worker_id=w1.worker_id)
+        pinned, free = client.submit([append_job(out, "pinned", worker_id=w1.worker_id),
+                                      append_job(out, "free")])
+        self.assertEqual(self.wait_done(client, free)["worker_id"], w2.worker_id)
+        job = client.query(pinned)
+        self.assertEqual((job["state"], job["worker_id"], job["reason"]),
+                         ("queued", w1.worker_id, "waiting for a free slot"))
+        release()
+        self.assertEqual(self.wait_done(client, pinned)["worker_id"], w1.worker_id)
+        w2.close()  # deregisters: offline
+        (offline,) = client.submit([append_job(out, "offline", worker_id=w2.worker_id)])
+        self.assertEqual(client.query(offline)["reason"], "waiting for worker %s (offline)" % w2.worker_id)
+        error = fault_of(client.submit, [{"command": "true", "worker_id": "no-such-worker"}])
+        self.assertIsInstance(error, jobsched.NotFound)
+        self.assertEqual(str(error), "jobs[0].worker_id: worker not found: 'no-such-worker'")
+
+    def test_stop_cancels_queued_jobs_and_array_elements(self):
+        _, _, client = self.queue_cluster()
+        out = os.path.join(self.tempdir(), "cancel")
+        _, release = self.hold_slot(client)
+        single, = client.submit([append_job(out, "single")])
+        array = client.submit([{"command": "sh", "args": ["-c", 'echo "a$JOBSCHED_ARRAY_INDEX" >> "$1"',
+                                                          "sh", out], "array": 3}])
+        self.assertIs(client.stop(single), True)
+        self.assertIs(client.stop(array[1]), True)
+        self.assertIs(client.stop(single), True)  # again: still true
+        job = client.query(single)
+        self.assertEqual((job["state"], job["done"], job["error"], job["error_text"]),
+                         ("cancelled", True, True, "cancelled"))
+        output = client.output(single, 0, 100, 5)
+        self.assertEqual((output["data"], output["eof"]), (b"", True))
+        self.assertEqual(client.query(array[2])["position"], 2)
+        listed = {job["job_id"]: job["state"] for job in client.jobs()}
+        self.assertEqual((listed[single], listed[array[1]], listed[array[0]]), ("cancelled", "cancelled", "queued"))
+        release()
+        self.assertEqual([self.wait_done(client, j)["state"] for j in array],
+                         ["succeeded", "cancelled", "succeeded"])
+        self.assertEqual(read_lines(out), ["a0", "a2"])
+
+    def test_a_job_its_worker_cannot_start_fails_without_exit_code(self):
+        _, (worker,), client = self.queue_cluster()
+        (job_id,) = client.submit([{"command": "/nonexistent/jobsched-test"}])
+        job = self.wait_done(client, job_id)
+        self.assertEqual((job["state"], job["done"], job["error"], job["worker_id"]),
+                         ("failed", True, True, worker.worker_id))
+        self.assertTrue(job["error_text"].startswith("cannot start '/nonexistent/jobsched-test'"), job)
+        self.assertNotIn("exit_code", job)
+        self.assertEqual(client.output(job_id)["eof"], True)
+        self.assertEqual(client.wait([job_id], 1), [{"job_id": job_id, "state": "failed"}])
+
+    def test_submit_refuses_bad_specs_naming_them(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        client = self.client(scheduler)
+        cases = [
+            ("x", "jobs must be an array of job specs"),
+            ([{"command": "true", "bogus": 1}], "jobs[0]: unknown field 'bogus'"),
+            ([{"command": "true"}, {"args": []}], "jobs[1].command is required"),
+            ([{"command": "true", "array": 0}], "jobs[0].array must be a finite number >= 1"),
+            ([{"command": "true", "array": 100001}], "jobs[0].array must be at most 100000"),
+            ([{"command": "true", "array": 60000}] * 2, "at most 100000 jobs per submit"),
+            ([{"command": "true", "priority": "high"}], "jobs[0].priority must be a number, not str"),
+            ([{"command": "true", "after": ["nope"]}], "jobs[0].after[0] must be a UUID, not 'nope'"),
+            ([{"command": "true", "env": {"A=B": "c"}}], "jobs[0].env name 'A=B' must not contain '='"),
+            ([{"command": "true", "timeout": 0}], "jobs[0].timeout must be a finite number >= 0.001"),
+        ]
+        for jobs, message in cases:
+            with self.subTest(jobs=jobs):
+                error = fault_of(client.submit, jobs)
+                self.assertIsInstance(error, jobsched.BadRequest)
+                self.assertEqual(str(error)[:len(message)], message)
+        self.assertEqual(client.jobs(), [])
+        self.assertEqual(client.submit([]), [])
+        status, reply = http_call(scheduler.address, "POST", "/submit",
+                                  {"jobs": [{"command": "true", "array": 2}, {"command": "true"}]})
+        self.assertEqual((status, len(reply["job_ids"])), (201, 3))
+        status, reply = http_call(scheduler.address, "POST", "/submit", {"jobs": [{}]})
+        self.assertEqual((status, reply), (400, {"error": "jobs[0].command is required"}))
+        self.assertEqual([job["state"] for job in client.jobs()], ["queued"] * 3)
+
+    def test_restart_keeps_order_priorities_dependencies_and_cancels(self):
+        state_dir = self.tempdir()
+        first = jobsched.Scheduler("127.0.0.1:0", state_dir=state_dir).start_serving()
+        client = jobsched.Client(first.address)
+        (a,) = client.submit([{"command": "true", "name": "a"}])
+        ids = client.submit([{"command": "echo", "args": ["x y"], "priority": 3, "array": 2},
+                             {"command": "true", "after": [a], "env": {"K": "v"}, "cwd": "/",
+                              "timeout": 5, "path": "p"},
+                             {"command": "true", "priority": -2}])
+        client.stop(ids[3])
+        before = client.jobs()
+        client.close()
+        first.close()
+        again = self.scheduler(state_dir=state_dir)
+        self.assertEqual(self.client(again).jobs(), before)
+        self.assertEqual([job["state"] for job in before], ["queued"] * 4 + ["cancelled"])
+        self.assertEqual([job["job_id"] for job in before[:4]], ids[:2] + [a, ids[2]])
+
+    def test_second_scheduler_on_a_state_dir_exits_2(self):
+        state_dir = self.tempdir()
+        self.spawn("scheduler", "--listen", "127.0.0.1:0", "--state-dir", state_dir)
+        done = self.cli("scheduler", "--listen", "127.0.0.1:0", "--state-dir", state_dir)
+        self.assertEqual(done.returncode, 2, done.stderr)
+        self.assertIn("state dir %s is in use by another scheduler" % state_dir, done.stderr.decode())
+        self.assertEqual(stat.S_IMODE(os.stat(state_dir).st_mode), 0o700)
+
+    def test_journal_is_compacted_and_keeps_what_is_live(self):
+        for name, value in (("COMPACT_MIN_BYTES", 4096), ("QUEUE_HISTORY", 10)):
+            self.addCleanup(setattr, jobsched, name, getattr(jobsched, name))
+            setattr(jobsched, name, value)
+        state_dir = self.tempdir()
+        journal = os.path.join(state_dir, "queue.journal")
+        scheduler = jobsched.Scheduler("127.0.0.1:0", state_dir=state_dir).start_serving()
+        self.addCleanup(scheduler.close)
+        self.worker(scheduler, slots=4)
+        worker = self.worker(scheduler, slots=1)  # its one slot is held below
+        client = self.client(scheduler)
+        wait_until(lambda: len(client.workers()) == 2, message="the workers to register")
+        sizes = []
+        for _ in range(6):
+            ids = client.submit([{"command": "true", "name": "batch"}] * 20)
+            for job_id in ids:
+                self.wait_done(client, job_id)
+            sizes.append(os.path.getsize(journal))
+        self.assertLess(max(sizes), 8 * 4096, sizes)  # rewritten: 120 jobs wrote more than that
+        _, release = self.hold_slot(client, worker_id=worker.worker_id)
+        waiting = client.submit([{"command": "true", "priority": 2, "worker_id": worker.worker_id},
+                                 {"command": "true", "array": 3, "worker_id": worker.worker_id}])
+        client.stop(waiting[2])
+        last_done = ids[-1]
+        with open(journal, "rb") as f:
+            lines = f.read().splitlines()
+        self.assertTrue(any(line.startswith(b'{"j":') for line in lines))  # a rewritten journal
+        before = [client.query(job_id) for job_id in waiting + [last_done]]
+        scheduler.close()
+        again = self.scheduler(state_dir=state_dir)  # no worker registered yet: from the journal
+        after = [self.client(again).query(job_id) for job_id in waiting + [last_done]]
+        for job in before:  # the reason changes: the pinned worker is not back yet
+            if job["state"] == "queued":
+                job["reason"] = "waiting for worker %s (offline)" % worker.worker_id
+        self.assertEqual(after, before)
+        self.assertEqual([job["state"] for job in after], ["queued", "queued", "cancelled", "queued", "succeeded"])
+
+
+class QueueProcessTest(ClusterTestCase):
+    """The queue with real processes: the command line, and kill -9 of the scheduler during a
+    large submit and during dispatch (every acknowledged job runs exactly once)."""
+
+    def cluster_processes(self, state_dir, workers=2, slots=4):
+        """A scheduler process on state_dir and worker processes; (proc, address, client)."""
+        proc, address = self.spawn("scheduler", "--listen", "127.0.0.1:0", "--state-dir", state_dir)
+        for _ in range(workers):
+            worker, _ = self.spawn(*worker_args(address, self.tempdir(), "--slots", str(slots)))
+            self.addCleanup(worker.terminate)  # stops its jobs before the cleanup's kill
+        client = self.client(address)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == workers, timeout=20,
+                   message="workers to register")
+        return proc, address, client
+
+    def restart_after_kill9(self, proc, address, state_dir, workers=2):
+        proc.kill()
+        proc.wait(timeout=10)
+        _, again = self.spawn("scheduler", "--listen", address, "--state-dir", state_dir)
+        client = self.client(again)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == workers, timeout=20,
+                   message="workers to register again")
+        return client
+
+    def assert_each_ran_once(self, out, expected):
+        wait_until(lambda: set(read_lines(out)) >= set(expected), timeout=60,
+                   message="every acknowledged job to run")
+        lines = read_lines(out)
+        self.assertEqual([line for line in set(lines) if lines.count(line) > 1], [])
+
+    def test_kill9_during_a_large_submit(self):
+        state_dir = self.tempdir()
+        proc, address, client = self.cluster_processes(state_dir)
+        out = os.path.join(self.tempdir(), "runs")
+        acknowledged, errors, killed = [], [], threading.Event()
+
+        def submit_batches():
+            submitter = jobsched.Client(address, timeout=5)
+            for batch in range(1000):
+                if killed.is_set():
+                    break
+                specs = [append_job(out, "s%d-%d" % (batch, i)) for i in range(20)]
+                specs.append({"command": "sh", "args": ["-c", 'echo "a$1-$JOBSCHED_ARRAY_INDEX" >> "$2"',
+                                                        "sh", str(batch), out], "array": 40})
+                try:
+                    submitter.submit(specs)
+                except jobsched.JobschedError as e:  # the scheduler was killed mid-call
+                    errors.append(e)
+                    break
+                acknowledged.extend(["s%d-%d" % (batch, i) for i in range(20)] +
+                                    ["a%d-%d" % (batch, i) for i in range(40)])
+            submitter.close()
+        thread = threading.Thread(target=submit_batches)
+        thread.start()
+        wait_until(lambda: len(acknowledged) >= 3 * 60, message="a few submits")
+        proc.kill()
+        killed.set()
+        thread.join(timeout=30)
+        self.assertLessEqual(len(errors), 1)  # the call cut short, if the kill met one
+        client = self.restart_after_kill9(proc, address, state_dir)
+        self.assert_each_ran_once(out, acknowledged)
+
+    def test_kill9_during_dispatch(self):
+        state_dir = self.tempdir()
+        proc, address, client = self.cluster_processes(state_dir)
+        out = os.path.join(self.tempdir(), "runs")
+        markers = ["j%d" % i for i in range(150)]
+        ids = client.submit([append_job(out, marker) for marker in markers])
+        wait_until(lambda: len(read_lines(out)) >= 20, message="some jobs to run")
+        client = self.restart_after_kill9(proc, address, state_dir)
+        self.assert_each_ran_once(out, markers)
+        self.assertEqual({self.wait_done(client, job_id)["state"] for job_id in ids}, {"succeeded"})
+
+    def test_a_restarted_worker_has_its_queue_jobs_end_lost(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        client = self.client(scheduler)
+        state_dir = self.tempdir()
+        proc, _ = self.spawn(*worker_args(scheduler.address, state_dir, "--slots", "1"))
+        wait_until(lambda: client.workers(), message="the worker to register")
+        long_job, short_job = client.submit([{"command": "sleep", "args": ["300"]}, {"command": "true"}])
+        wait_until(lambda: client.query(long_job)["state"] == "running", message="the job to run")
+        self.assertEqual(client.query(short_job)["state"], "queued")
+        proc.kill()
+        proc.wait(timeout=10)
+        proc, _ = self.spawn(*worker_args(scheduler.address, state_dir, "--slots", "1"))
+        self.addCleanup(proc.terminate)
+        # wait() answers from the queue; a query may meet the dead worker's address meanwhile
+        wait_until(lambda: client.wait([long_job], 5), message="the job to end")
+        job = client.query(long_job)
+        self.assertEqual((job["state"], job["error_text"]),
+                         ("lost", "lost: the worker restarted while the job was running"))
+        self.assertEqual(self.wait_done(client, short_job)["state"], "succeeded")
+        self.assertEqual(client.wait([long_job, short_job], 1),
+                         [{"job_id": long_job, "state": "lost"}, {"job_id": short_job, "state": "succeeded"}])
+
+    def test_submit_wait_and_jobs_state_from_the_command_line(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        worker = self.worker(scheduler, slots=1)
+        client = self.client(scheduler)
+        wait_until(lambda: client.workers(), message="the worker to register")
+        env = {"JOBSCHED_SCHEDULER": scheduler.address}
+        gate = os.path.join(self.tempdir(), "gate")
+        self.addCleanup(lambda: open(gate, "a").close())
+        done = self.cli("submit", "--name", "holder", "--priority", "9", "--", "sh", "-c",
+                        'while [ ! -e "$1" ]; do sleep 0.02; done', "sh", gate, env=env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        (holder,) = done.stdout.decode().split()
+        jobs_file = os.path.join(self.tempdir(), "jobs.txt")
+        with open(jobs_file, "w") as f:
+            f.write("# a comment, then a blank line\n\nsh -c 'echo \"$K one\"'\n  true  # trailing\n"
+                    "sh -c 'exit 3'\n")
+        done = self.cli("submit", "--file", jobs_file, "--env", "K=v", "--after", holder, env=env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        one, plain, failing = done.stdout.decode().split()
+        job = client.query(one)
+        self.assertEqual((job["command"], job["args"], job["after"], job["reason"]),
+                         ("sh", ["-c", 'echo "$K one"'], [holder], "waiting for %s" % holder))
+        self.assertEqual(client.query(plain)["args"], [])
+        done = self.cli("submit", "--array", "2", "--file", "-", env=env, input=b"echo from stdin\n")
+        self.assertEqual((done.returncode, len(done.stdout.split())), (0, 2), done.stderr)
+        done = self.cli("jobs", "--state", "queued", env=env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        listed = done.stdout.decode().splitlines()
+        self.assertEqual(len(listed), 1 + 5)  # header and the queued jobs
+        self.assertNotIn(holder, done.stdout.decode())
+        for bad, message in ((b"sh -c 'unclosed\n", "-, line 1: No closing quotation"),
+                             (b"# nothing\n", "- holds no job")):
+            done = self.cli("submit", "--file", "-", env=env, input=bad)
+            self.assertEqual(done.returncode, 2)
+            self.assertIn("jobsched: error: %s" % message, done.stderr.decode())
+        self.assertEqual(len([j for j in client.jobs() if j["state"] == "queued"]), 5)
+        waiter = popen_jobsched(self, ["wait", "--scheduler", scheduler.address, one, failing])
+        open(gate, "a").close()
+        out, err = waiter.communicate(timeout=30)
+        self.assertEqual(waiter.returncode, 1, err)
+        self.assertEqual(sorted(out.decode().splitlines()), sorted(["%s succeeded" % one, "%s failed" % failing]))
+        self.assertEqual(client.output(one)["data"], b"v one\n")
+        done = self.cli("wait", env=env)  # every queued and running job
+        self.assertEqual(done.returncode, 0, done.stderr)
+        done = self.cli("wait", one, plain, env=env)
+        self.assertEqual((done.returncode, sorted(done.stdout.decode().split())),
+                         (0, sorted([one, "succeeded", plain, "succeeded"])))
+        done = self.cli("wait", str(uuid.uuid4()), env=env)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("jobsched: error: job not found", done.stderr.decode())
+
+    def test_run_waits_in_the_queue_then_follows(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        self.worker(scheduler, slots=1)
+        client = self.client(scheduler)
+        wait_until(lambda: client.workers(), message="the worker to register")
+        gate = os.path.join(self.tempdir(), "gate")
+        self.addCleanup(lambda: open(gate, "a").close())
+        (holder,) = client.submit([{"command": "sh", "args": [
+            "-c", 'while [ ! -e "$1" ]; do sleep 0.02; done', "sh", gate]}])
+        wait_until(lambda: client.query(holder)["state"] == "running", message="the holder to run")
+        env = dict(os.environ, JOBSCHED_SCHEDULER=scheduler.address)
+        env.pop("JOBSCHED_TOKEN", None)
+        proc = popen_jobsched(self, ["run", "--", "sh", "-c", "echo hello; exit 4"], env=env)
+        line = proc.stderr.readline().decode()
+        self.assertRegex(line, r"^jobsched: job [0-9a-f-]{36} queued \(position 1: waiting for a free slot\)\n$")
+        self.assertIsNone(proc.poll())
+        open(gate, "a").close()
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, out), (4, b"hello\n"), err)
+        self.assertRegex(err.decode(), r"^jobsched: job [0-9a-f-]{36} on [0-9a-f-]{36} \(.+\)\n$")
+        proc = popen_jobsched(self, ["run", "--", "/nonexistent/jobsched-test"], env=env)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, out), (1, b""))
+        self.assertRegex(err.decode(), r"^jobsched: error: cannot start '/nonexistent/jobsched-test' on worker .*\n$")
 
 
 if __name__ == "__main__":

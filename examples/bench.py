@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark jobsched against the primitives it is built from and against the Go seed.
 
-    python3 examples/bench.py            # full run (about 2-3 minutes)
-    python3 examples/bench.py --quick    # smaller counts, every figure, under 30 s
+    python3 examples/bench.py            # full run (about 3-4 minutes)
+    python3 examples/bench.py --quick    # smaller counts, every figure, about a minute
     python3 examples/bench.py --json     # one JSON object; ``figures`` maps names to numbers
     python3 examples/bench.py --dir DIR  # put the workers' state dirs in DIR
     python3 examples/bench.py --python PATH  # run the scheduler and workers under PATH
@@ -54,11 +54,13 @@ GO_SEED = {"start_seq_p50_ms": "1.6-1.8", "start_seq_per_s": "520-600",
 FULL = {"floor": 1000, "seq": 1000, "threads_n": 4000, "query": 2000, "follow_lines": 200,
         "follow_cpu_seconds": 10.0, "logs_bytes": 100 * MiB, "sleep_jobs": 1000,
         "known_jobs": 100000, "sim_workers": 1000, "scale_n": 1000, "tls_n": 1000,
-        "metrics_n": 500, "fan_out_workers": 50, "start_all_n": 40, "run_all_n": 15}
+        "metrics_n": 500, "fan_out_workers": 50, "start_all_n": 40, "run_all_n": 15,
+        "queue_true": 10000, "latency_jobs": 320, "queued": 100000}
 QUICK = {"floor": 200, "seq": 300, "threads_n": 600, "query": 300, "follow_lines": 40,
          "follow_cpu_seconds": 2.0, "logs_bytes": 40 * MiB, "sleep_jobs": 1000,
          "known_jobs": 20000, "sim_workers": 1000, "scale_n": 250, "tls_n": 200,
-         "metrics_n": 100, "fan_out_workers": 50, "start_all_n": 10, "run_all_n": 5}
+         "metrics_n": 100, "fan_out_workers": 50, "start_all_n": 10, "run_all_n": 5,
+         "queue_true": 1000, "latency_jobs": 64, "queued": 10000}
 
 FIGURES = (
     "floor_popen_launch_p50_ms", "floor_rtt_keepalive_p50_ms", "floor_rtt_new_conn_p50_ms",
@@ -69,6 +71,8 @@ FIGURES = (
     "start_p99_ms_1000_heartbeating", "tls_start_p50_ms", "tls_query_p50_ms",
     "metrics_1000_workers_ms",
     "start_all_50_workers_ms", "run_all_50_workers_ms",
+    "submit_10000_array_ms", "submit_10000_file_s", "queue_10000_true_per_s",
+    "dispatch_latency_p50_ms", "scheduler_rss_mb_100000_queued", "scheduler_restart_100000_queued_s",
 )
 
 # A job that prints its clock every 50 ms after a pause (so the follower is ready by then).
@@ -580,6 +584,130 @@ def interleaved(n, block, *calls):
 
 
 # ---------------------------------------------------------------------------------------------
+# The queue
+# ---------------------------------------------------------------------------------------------
+
+def queue_cluster(res, name, workers, slots):
+    """A scheduler on a state dir of its own and workers with slots each: (proc, address, client)."""
+    py = [sys.executable, JOBSCHED]
+    proc, address, _ = res.role(py + ["scheduler", "--listen", "127.0.0.1:0", "--state-dir",
+                                      res.path(name), "--log-level", "warning"], name)
+    for i in range(workers):
+        res.role(py + ["worker", "--listen", "127.0.0.1:0", "--scheduler", address, "--slots",
+                       str(slots), "--state-dir", res.path("%s-worker%d" % (name, i)),
+                       "--heartbeat", "2", "--log-level", "warning"], "%s-worker%d" % (name, i))
+    client = jobsched.Client(address, timeout=120)
+    wait_until(lambda: sum(w["online"] for w in client.workers()) == workers, 30,
+               "the queue's workers to register")
+    return proc, address, client
+
+
+def wait_all(client, job_ids, timeout=600):
+    """Wait until every job of job_ids has ended: the last ones first (the queue starts jobs in
+    order), then the rest in one call. Returns the states by job id."""
+    deadline, states = time.monotonic() + timeout, {}
+    pending = job_ids[-16:]
+    while time.monotonic() < deadline:
+        for ended in client.wait(pending, 30):
+            states[ended["job_id"]] = ended["state"]
+        pending = [job_id for job_id in (pending or job_ids) if job_id not in states]
+        if not pending:
+            if len(states) == len(job_ids):
+                return states
+            pending = [job_id for job_id in job_ids if job_id not in states]
+    raise RuntimeError("%d queued jobs did not end in time" % (len(job_ids) - len(states)))
+
+
+def file_of_jobs(res, name, n):
+    path = res.path(name)
+    with open(path, "w") as f:
+        f.writelines("true %d\n" % i for i in range(n))
+    return path
+
+
+def submit_file(address, path):
+    """Whole-command seconds of `jobsched.py submit --file` and the ids it printed."""
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, JOBSCHED, "submit", "--scheduler", address, "--file",
+                           path, "--rpc-timeout", "120"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=900)
+    elapsed = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError("submit --file failed: %s" % done.stderr.decode(errors="replace"))
+    return elapsed, done.stdout.decode().split()
+
+
+def dispatch_latencies(client, n, slots):
+    """For jobs of random length on every slot: each start after the first round minus the end
+    that freed a slot on that worker (the k-th end pairs with the (k + slots)-th start)."""
+    import random
+    rng = random.Random(5)
+    job_ids = client.submit([{"command": "sleep", "args": ["%.3f" % rng.uniform(0.05, 0.3)]}
+                             for _ in range(n)])
+    wait_all(client, job_ids)
+    wanted, by_worker = set(job_ids), {}
+    for job in client.jobs():
+        if job["job_id"] in wanted:
+            by_worker.setdefault(job["worker_id"], []).append(job)
+    latencies = []
+    for jobs in by_worker.values():
+        ends = sorted(job["finished_at"] for job in jobs)
+        starts = sorted(job["started_at"] for job in jobs)[slots:]
+        latencies.extend(start - end for start, end in zip(starts, ends))
+    return latencies
+
+
+def queue_figures(counts, res, figures, extras):
+    note("queue: one submit of an array of 10000, then submit --file of 10000 lines")
+    proc, address, client = queue_cluster(res, "queue-submit", 0, 0)
+    client.submit([{"command": "true", "array": 10}])  # warm the connection
+    samples = timed_calls(5, lambda: client.submit([{"command": "true", "array": 10000}]))
+    figures["submit_10000_array_ms"] = ms(percentile(samples, 0.5))
+    elapsed, _ = submit_file(address, file_of_jobs(res, "jobs-10000.txt", 10000))
+    figures["submit_10000_file_s"] = round(elapsed, 2)
+    client.close()
+    res.stop(proc)
+
+    note("queue: %d `true` jobs through 2 workers x 8 slots" % counts["queue_true"])
+    proc, address, client = queue_cluster(res, "queue-run", 2, 8)
+    t0 = time.perf_counter()
+    job_ids = client.submit([{"command": "true"} for _ in range(counts["queue_true"])])
+    states = wait_all(client, job_ids)
+    elapsed = time.perf_counter() - t0
+    figures["queue_10000_true_per_s"] = round(len(job_ids) / elapsed, 1)
+    extras["queue_true_jobs_not_succeeded"] = sum(state != "succeeded" for state in states.values())
+    note("queue: dispatch latency over %d jobs of 50-300 ms" % counts["latency_jobs"])
+    latencies = dispatch_latencies(client, counts["latency_jobs"], 8)
+    figures["dispatch_latency_p50_ms"] = ms(percentile(latencies, 0.5))
+    extras["dispatch_latency_p90_ms"] = ms(percentile(latencies, 0.9))
+    client.close()
+    for other in list(res.procs):
+        res.stop(other)
+
+    note("queue: %d queued jobs by submit --file, then kill -9 and restart" % counts["queued"])
+    proc, address, client = queue_cluster(res, "queue-big", 0, 0)
+    extras["queue_submit_file_%d_s" % counts["queued"]], job_ids = submit_file(
+        address, file_of_jobs(res, "jobs-big.txt", counts["queued"]))
+    figures["scheduler_rss_mb_100000_queued"] = round(rss_mb(proc.pid), 1)
+    client.close()
+    proc.kill()
+    proc.wait(timeout=10)
+    res.procs.remove(proc)
+    t0 = time.perf_counter()
+    proc, _, _ = res.role([sys.executable, JOBSCHED, "scheduler", "--listen", address,
+                           "--state-dir", res.path("queue-big"), "--log-level", "warning"],
+                          "queue-big-again")
+    client = jobsched.Client(address, timeout=120)
+    job = client.query(job_ids[-1])
+    figures["scheduler_restart_100000_queued_s"] = round(time.perf_counter() - t0, 2)
+    extras["scheduler_rss_mb_100000_queued_after_restart"] = round(rss_mb(proc.pid), 1)
+    if (job["state"], job["position"]) != ("queued", len(job_ids)):
+        raise RuntimeError("after the restart the last job is %s at %s" % (job["state"], job["position"]))
+    client.close()
+    res.stop(proc)
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
@@ -626,7 +754,8 @@ def run(counts, res, python=sys.executable):
     py = [python, JOBSCHED]
 
     note("starting scheduler, two workers and the floor server")
-    sched_proc, address, _ = res.role(py + ["scheduler", "--listen", "127.0.0.1:0"], "scheduler")
+    sched_proc, address, _ = res.role(py + ["scheduler", "--listen", "127.0.0.1:0",
+                                            "--state-dir", res.path("scheduler")], "scheduler")
     workers = []
     for name in ("worker1", "worker2"):
         proc, worker_address, line = res.role(py + [
@@ -693,7 +822,8 @@ def run(counts, res, python=sys.executable):
     ca, cert, key = make_certs(res.root)
     tls = ["--tls-cert", cert, "--tls-key", key, "--tls-ca", ca]
     tls_sched_proc, tls_address, _ = res.role(
-        py + ["scheduler", "--listen", "127.0.0.1:0"] + tls, "tls-scheduler")
+        py + ["scheduler", "--listen", "127.0.0.1:0", "--state-dir", res.path("tls-scheduler")] + tls,
+        "tls-scheduler")
     tls_worker_proc, _, _ = res.role(py + [
         "worker", "--listen", "127.0.0.1:0", "--scheduler", tls_address, "--slots", "2000",
         "--state-dir", res.path("tls-worker"), "--heartbeat", "2"] + tls, "tls-worker")
@@ -753,6 +883,10 @@ def run(counts, res, python=sys.executable):
     extras["heartbeat_failures_logged"] = res.log_tail(beater).count("heartbeat failed")
     res.stop(beater)
     client.close()
+    for proc, _, _ in workers:
+        res.stop(proc)
+    res.stop(sched_proc)
+    queue_figures(counts, res, figures, extras)
     more_figures, more_extras = fan_out(res, counts, python)
     figures.update(more_figures)
     extras.update(more_extras)
@@ -885,6 +1019,14 @@ def targets(f, e):
         ("metrics_1000_workers_ms", "rtt %.3f" % f["floor_rtt_keepalive_p50_ms"],
          ratio(f["metrics_1000_workers_ms"], f["floor_rtt_keepalive_p50_ms"]), "<= 2",
          f["metrics_1000_workers_ms"] <= 2),
+        ("submit_10000_array_ms", "Slurm 7", None, "<= 20", f["submit_10000_array_ms"] <= 20),
+        ("submit_10000_file_s", "", None, "<= 2", f["submit_10000_file_s"] <= 2),
+        ("queue_10000_true_per_s", "Slurm 15.6", None, ">= 1000", f["queue_10000_true_per_s"] >= 1000),
+        ("dispatch_latency_p50_ms", "Slurm 690", None, "<= 10", f["dispatch_latency_p50_ms"] <= 10),
+        ("scheduler_rss_mb_100000_queued", "", None, "<= 150",
+         f["scheduler_rss_mb_100000_queued"] <= 150),
+        ("scheduler_restart_100000_queued_s", "", None, "<= 3",
+         f["scheduler_restart_100000_queued_s"] <= 3),
     ] + fan_out_targets(f)
     return rows
 
@@ -903,7 +1045,7 @@ def print_table(figures, extras, rows, header):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark jobsched on loopback (issue 5).")
-    parser.add_argument("--quick", action="store_true", help="smaller counts, under 30 s")
+    parser.add_argument("--quick", action="store_true", help="smaller counts, about a minute")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--dir", metavar="DIR",
                         help="where the workers' state dirs go (default: a temp dir beside the "

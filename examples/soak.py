@@ -74,6 +74,7 @@ class Soak:
 
     def spawn_scheduler(self, listen="127.0.0.1:0"):
         return self.spawn("scheduler", "scheduler", "--listen", listen,
+                          "--state-dir", os.path.join(self.tmp, "scheduler"),
                           "--rpc-timeout", str(self.args.rpc_timeout))
 
     def spawn_worker(self, n):
