@@ -5263,5 +5263,50 @@ class QueueProcessTest(ClusterTestCase):
         self.assertRegex(err.decode(), r"^jobsched: error: cannot start '/nonexistent/jobsched-test' on worker .*\n$")
 
 
+class QueueLabelsTest(ClusterTestCase):
+    """Queued jobs placed by labels: `on` in a spec, the reason while none matches, and `all`."""
+
+    def test_on_places_queued_jobs_and_says_why_they_wait(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        cpu = self.worker(scheduler, slots=2, labels={"kind": "cpu"})
+        client = self.client(scheduler)
+        wait_until(lambda: len(client.workers()) == 1, message="the cpu worker to register")
+        out = self.tempdir()
+        ids = client.submit([{"command": "sh", "args": ["-c", 'echo "$JOBSCHED_WORKER_ID" > "$1"',
+                                                         "sh", os.path.join(out, name)],
+                              "on": {"kind": kind}}
+                             for name, kind in (("a", "gpu"), ("b", "cpu"), ("c", "*"))])
+        self.assertEqual(self.wait_done(client, ids[1])["worker_id"], cpu.worker_id)
+        self.assertEqual(self.wait_done(client, ids[2])["state"], "succeeded")
+        waiting = client.query(ids[0])
+        self.assertEqual((waiting["state"], waiting["reason"]),
+                         ("queued", "no online worker matches kind=gpu"))
+        gpu = self.worker(scheduler, slots=1, labels={"kind": "gpu"})
+        self.assertEqual(self.wait_done(client, ids[0])["worker_id"], gpu.worker_id)
+        with open(os.path.join(out, "a")) as f:
+            self.assertEqual(f.read().strip(), gpu.worker_id)
+        with self.assertRaises(jobsched.BadRequest) as caught:
+            client.submit([{"command": "true", "on": {"bad key": "1"}}])
+        self.assertIn("jobs[0].on", str(caught.exception))
+
+    def test_all_queues_one_pinned_job_per_matching_worker(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        workers = [self.worker(scheduler, slots=1, labels={"rack": rack}) for rack in "aab"]
+        client = self.client(scheduler)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 3,
+                   message="workers to register")
+        ids = client.submit([{"command": "true", "all": True, "on": {"rack": "a"}},
+                             {"command": "true", "all": True}])
+        self.assertEqual(len(ids), 5)
+        placed = [self.wait_done(client, job_id)["worker_id"] for job_id in ids]
+        self.assertEqual(sorted(placed[:2]), sorted(w.worker_id for w in workers[:2]))
+        self.assertEqual(sorted(placed[2:]), sorted(w.worker_id for w in workers))
+        with self.assertRaises(jobsched.Unavailable) as caught:
+            client.submit([{"command": "true", "all": True, "on": {"rack": "z"}}])
+        self.assertIn("no online worker matches rack=z", str(caught.exception))
+        with self.assertRaises(jobsched.BadRequest):
+            client.submit([{"command": "true", "all": "yes"}])
+
+
 if __name__ == "__main__":
     unittest.main()
