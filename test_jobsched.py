@@ -5308,5 +5308,42 @@ class QueueLabelsTest(ClusterTestCase):
             client.submit([{"command": "true", "all": "yes"}])
 
 
+class OutputReplyTest(unittest.TestCase):
+    """Client.output reads output() replies with a regular expression; any other shape of the
+    same reply, and faults, go through the XML parser."""
+
+    def test_fast_path_reads_every_shape_of_the_reply(self):
+        for data in (os.urandom(70000), b"", b"<&>]]>"):
+            for offset in (0, 5, 3000000000):
+                for eof in (True, False):
+                    struct = {"data": xmlrpc.client.Binary(data), "offset": jobsched.wire_int(offset),
+                              "eof": eof}
+                    ours = jobsched.dumps_response(struct)
+                    stock = xmlrpc.client.dumps((struct,), methodresponse=True).encode()
+                    for body in (ours, stock):  # one base64 line, or the stdlib's 76 columns
+                        self.assertEqual(jobsched.parse_output_reply(body),
+                                         {"data": data, "offset": offset, "eof": eof})
+        fault = xmlrpc.client.dumps(xmlrpc.client.Fault(1, "job not found"), methodresponse=True)
+        self.assertIsNone(jobsched.parse_output_reply(fault.encode()))
+        other = xmlrpc.client.dumps(({"data": "text", "offset": 1, "eof": True},), methodresponse=True)
+        self.assertIsNone(jobsched.parse_output_reply(other.encode()))
+
+    def test_client_output_and_its_faults(self):
+        state_dir = tempfile.mkdtemp(prefix="jobsched-test-")
+        self.addCleanup(shutil.rmtree, state_dir, ignore_errors=True)
+        worker = jobsched.Worker("127.0.0.1:0", scheduler=None, state_dir=state_dir).start_serving()
+        self.addCleanup(worker.close)
+        client = jobsched.Client(worker.address)
+        self.addCleanup(client.close)
+        job_id = client.start("sh", "", {"args": ["-c", "printf 'a\\0b'"]})
+        wait_until(lambda: client.query(job_id)["done"], message="the job to end")
+        self.assertEqual(client.output(job_id), {"data": b"a\0b", "offset": 3, "eof": True})
+        self.assertEqual(client.output(job_id, 1, 1)["data"], b"\0")
+        with self.assertRaises(jobsched.NotFound):
+            client.output(str(uuid.uuid4()))
+        with self.assertRaises(jobsched.BadRequest):
+            client.output(job_id, -1)
+
+
 if __name__ == "__main__":
     unittest.main()
