@@ -1647,13 +1647,13 @@ def capture_jobsched_log(test, level=logging.INFO):
     return records
 
 
-class TLSTest(ClusterTestCase):
-    """Verified TLS both ways, mutual TLS, TLS 1.2 minimum, handshakes off the accept loop."""
+class CertificatesTestCase(ClusterTestCase):
+    """Certificates made by openssl once for the class: cls.a and cls.b (see make_certificates)."""
 
     @classmethod
     def setUpClass(cls):
         if shutil.which("openssl") is None:
-            print("\nTLSTest skipped: the openssl command is not installed", file=sys.stderr)
+            print("\n%s skipped: the openssl command is not installed" % cls.__name__, file=sys.stderr)
             raise unittest.SkipTest("the openssl command is not installed")
         cls.cert_dir = tempfile.mkdtemp(prefix="jobsched-tls-")
         try:
@@ -1665,6 +1665,10 @@ class TLSTest(ClusterTestCase):
     @classmethod
     def tearDownClass(cls):
         shutil.rmtree(cls.cert_dir, ignore_errors=True)
+
+
+class TLSTest(CertificatesTestCase):
+    """Verified TLS both ways, mutual TLS, TLS 1.2 minimum, handshakes off the accept loop."""
 
     def files(self, name, ca=None, directory=None):
         directory = directory or self.a
@@ -4327,24 +4331,9 @@ class OddPeerTest(ClusterTestCase):
         self.assertNotIn("Traceback", stderr)
 
 
-class TLSKeepAliveTest(ClusterTestCase):
+class TLSKeepAliveTest(CertificatesTestCase):
     """Idle TLS connections end with close_notify and a half-close, and no call fails on one;
     a failed handshake is a certain failure."""
-
-    @classmethod
-    def setUpClass(cls):
-        if shutil.which("openssl") is None:
-            raise unittest.SkipTest("the openssl command is not installed")
-        cls.cert_dir = tempfile.mkdtemp(prefix="jobsched-tls-")
-        try:
-            cls.a, cls.b = make_certificates(cls.cert_dir)
-        except BaseException:
-            shutil.rmtree(cls.cert_dir, ignore_errors=True)
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.cert_dir, ignore_errors=True)
 
     def files(self, name):
         return {"tls_cert": os.path.join(self.a, name + ".pem"),
