@@ -3943,13 +3943,16 @@ class WorkerHardeningTest(ClusterTestCase):
     def test_stop_waits_for_the_workers_grace_period(self):
         scheduler, _, _ = self.cluster(stop_grace=1.5)
         client = self.client(scheduler, timeout=0.5)
-        job_id = client.start("", "sh", "", sh_args('trap "" TERM; while :; do sleep 0.05; done'))
+        stubborn = sh_args('trap "" TERM; echo ready; while :; do sleep 0.05; done')
+        job_id = client.start("", "sh", "", stubborn)
+        wait_until(lambda: client.output(job_id)["data"], message="the trap to be set")
         self.assertEqual(client.query(job_id)["stop_grace"], 1.5)
         self.assertIs(client.stop(job_id), True)  # longer than the client's own timeout
         job = client.query(job_id)
         self.assertEqual((job["state"], job["signal"]), ("stopped", signal.SIGKILL))
         self.assertNotIn("stop_grace", job)
-        job_id = client.start("", "sh", "", sh_args('trap "" TERM; while :; do sleep 0.05; done'))
+        job_id = client.start("", "sh", "", stubborn)
+        wait_until(lambda: client.output(job_id)["data"], message="the trap to be set")
         done = self.cli("stop", job_id, "--scheduler", scheduler.address, "--rpc-timeout", "0.5")
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(client.query(job_id)["state"], "stopped")
