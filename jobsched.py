@@ -4445,9 +4445,11 @@ class Scheduler(_Role):
         want_str(worker_id, "worker_id", limit=256)
         if not isinstance(jobs, list):
             raise BadRequest("jobs must be an array of job structs")
-        self.queue.jobs_ended(worker_id, [want_struct(job, "jobs[%d]" % i)
-                                          for i, job in enumerate(jobs)])
+        jobs = [want_struct(job, "jobs[%d]" % i) for i, job in enumerate(jobs)]
+        self.queue.jobs_ended(worker_id, jobs)
         self._dispatch_wanted.set()
+        self._count_finished([(job["job_id"], job.get("state", ""), job.get("finished_at", 0))
+                              for job in jobs if isinstance(job.get("job_id"), str)])
         return True
 
     def wait(self, job_ids, wait_seconds=0):
@@ -4534,6 +4536,9 @@ class Scheduler(_Role):
                     replies = [e] * len(items)
                 for i, reply in zip(to_start, replies):
                     answers[i] = reply
+                started = sum(isinstance(reply, str) for reply in replies)
+                if started:
+                    self.metrics.inc("jobsched_jobs_started_total", amount=started)
         except Exception:
             log.exception("internal error while starting jobs on worker %s", worker_id)
         finally:
@@ -4559,7 +4564,8 @@ class Scheduler(_Role):
 
     def _count_finished(self, ends):
         """Count each (job_id, state, finished_at) once in jobsched_jobs_finished_total, if the
-        job ended since this scheduler started: it learns of ends only from query and jobs."""
+        job ended since this scheduler started: it learns of ends from the workers' reports
+        (job_ended), and from query and jobs."""
         self.metrics.inc_once("jobsched_jobs_finished_total", [
             (job_id, (state,)) for job_id, state, finished_at in filter(None, ends)
             if finished_at >= self._began])
@@ -4579,7 +4585,7 @@ class Scheduler(_Role):
                        if rec.online(now) and labels_match(rec.labels, on)]
         if not records:
             raise Unavailable("no online worker matches %s" % format_labels(on) if on
-                              else "no worker is online")
+                              else self._no_worker_took([]))
         return records
 
     def _acceptor(self, on):
@@ -5849,6 +5855,10 @@ def _read_job_lines(path):
     return jobs
 
 
+JOB_STATES = ("queued", "running", "succeeded", "failed", "stopped", "timeout", "lost",
+              "cancelled")
+
+
 def cmd_submit(args):
     if args.file and args.command:
         raise ConfigError("give either --file FILE or -- COMMAND [ARG...], not both")
@@ -5856,21 +5866,22 @@ def cmd_submit(args):
         raise ConfigError("no command given: jobsched submit [options] -- COMMAND [ARG...], "
                           "or --file FILE")
     lines = _read_job_lines(args.file) if args.file else [args.command]
+    if len(lines) * (args.array or 1) > MAX_SUBMIT_JOBS:  # one call: all or nothing
+        raise ConfigError("%d jobs: at most %d can be queued at once (arrays counted in full); "
+                          "split the file" % (len(lines) * (args.array or 1), MAX_SUBMIT_JOBS))
     client = _client_from_args(args)
     ids = _queue_ids(client, args)
-    specs = [_queue_spec(args, words, ids) for words in lines]
-    per_call = max(1, MAX_SUBMIT_JOBS // (args.array or 1))
-    for start in range(0, len(specs), per_call):
-        job_ids = client.submit(specs[start:start + per_call])
-        sys.stdout.write("".join(job_id + "\n" for job_id in job_ids))
+    job_ids = client.submit([_queue_spec(args, words, ids) for words in lines])
+    sys.stdout.write("".join(job_id + "\n" for job_id in job_ids))
     sys.stdout.flush()
     return 0
 
 
 def cmd_wait(args):
     client = _client_from_args(args)
-    pending = dict.fromkeys(args.job_id or [job["job_id"] for job in client.jobs()
-                                            if not job["done"]])
+    listing = client.jobs() if not args.job_id or not all(map(_is_uuid, args.job_id)) else None
+    pending = dict.fromkeys([_resolve(client, job_id, "job", listing) for job_id in args.job_id]
+                            or [job["job_id"] for job in listing if not job["done"]])
     status = 0
     while pending:  # ask about 10000 at a time: each call carries its ids
         for ended in client.wait(list(itertools.islice(pending, 10000)), 30):
@@ -5938,7 +5949,7 @@ def _announce(client, job_id, follower):
 
 def cmd_run(args):
     if args.all or args.gather or args.no_prefix:
-        return _run_all(args)
+        return _with_stop_signals(_run_all, args)
     client = _client_from_args(args)
     try:
         job_id = _place_job(client, args)
@@ -5947,10 +5958,15 @@ def cmd_run(args):
     except Unreachable as e:  # the start may have reached the scheduler: the outcome is unknown
         _say("error: %s" % e)
         return 255
+    return _with_stop_signals(_run_to_the_end, client, job_id, args)
+
+
+def _with_stop_signals(func, *args):
+    """func(*args) with SIGTERM and SIGHUP raising _Signalled, as SIGINT raises KeyboardInterrupt."""
     handlers = {signum: signal.signal(signum, _raise_signalled)
                 for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return _run_to_the_end(client, job_id, args)
+        return func(*args)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -5995,7 +6011,11 @@ def _run_to_the_end(client, job_id, args):
         except JobschedError as e:
             _say("error: %s; %s" % (e, follower.resume_hint()))
             return 255
-    if job["state"] in ("failed", "cancelled") and "exit_code" not in job and "signal" not in job:
+    if job["state"] == "cancelled" and stop_asked is not None:  # stopped while it was queued
+        _say("job %s %s" % (job_id, _outcome(job)))
+        if stop_asked == "interrupt":
+            return 130
+    elif job["state"] in ("failed", "cancelled") and "exit_code" not in job and "signal" not in job:
         _say("error: %s" % (job.get("error_text") or job["state"]))  # it never started
     elif job["state"] == "timeout":
         _say("job %s timed out after %s s" % (job_id, "%g" % args.timeout if args.timeout else "?"))
@@ -6114,9 +6134,10 @@ def _stop_fan_out(client, jobs):
 
 
 def _await_fan_out(client, jobs, stdout_closed):
-    """Wait for every follower. The first Ctrl-C, or a closed stdout, stops every job; a second
-    Ctrl-C exits at once."""
-    stoppers = None
+    """Wait for every follower. The first Ctrl-C, SIGTERM or SIGHUP, or a closed stdout, stops
+    every job; a second Ctrl-C exits at once. Returns the number of the signal that stopped
+    them (SIGTERM, SIGHUP), else None."""
+    stoppers = signalled = None
     while True:
         try:
             if stdout_closed.is_set() and stoppers is None:
@@ -6127,15 +6148,19 @@ def _await_fan_out(client, jobs, stdout_closed):
             if not following:
                 break
             following[0].followed.wait(0.1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Signalled) as e:
             if stoppers is not None:
+                if isinstance(e, _Signalled) and e.signum == signalled:
+                    continue  # the same signal again: the jobs are being stopped already
                 raise
+            signalled = getattr(e, "signum", None)
             print("jobsched: stopping %d jobs" % len(jobs), file=sys.stderr)
             stoppers = _stop_fan_out(client, jobs)
     if stdout_closed.is_set() and stoppers is None:
         stoppers = _stop_fan_out(client, jobs)
     for thread in stoppers or ():
         thread.join()
+    return signalled
 
 
 def _run_all(args):
@@ -6165,7 +6190,7 @@ def _run_all(args):
         if job.started:
             threading.Thread(target=job.follow, args=(client, emit, stdout_closed),
                              name="jobsched-follow", daemon=True).start()
-    _await_fan_out(client, [job for job in jobs if job.job_id], stdout_closed)
+    signalled = _await_fan_out(client, [job for job in jobs if job.job_id], stdout_closed)
     if stdout_closed.is_set():
         return 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
     if args.gather:
@@ -6180,7 +6205,7 @@ def _run_all(args):
     for job in sorted(jobs, key=lambda job: job.name):
         if job.reason:
             print("jobsched: %s: %s" % (job.name, job.reason), file=sys.stderr)
-    return max(job.status for job in jobs)
+    return 128 + signalled if signalled else max(job.status for job in jobs)
 
 
 def cmd_stop(args):
@@ -6190,7 +6215,7 @@ def cmd_stop(args):
     if not job["done"]:
         client.stop(job_id)
         job = client.query(job_id)
-        if job["state"] == "stopped":
+        if job["state"] in ("stopped", "cancelled"):  # cancelled: it was still queued
             print("%s %s" % (job_id, _outcome(job)))
             return 0
     print("%s had already ended: %s" % (job_id, _outcome(job)))
@@ -6524,8 +6549,8 @@ def build_parser():
     reconnect_option(sub)
     sub = command("jobs", "list the jobs of every online worker", cmd_jobs)
     sub.add_argument("--json", action="store_true", help="print JSON")
-    sub.add_argument("--state", metavar="STATE", action="append", default=[],
-                     help="only jobs in this state (repeatable)")
+    sub.add_argument("--state", metavar="STATE", action="append", default=[], choices=JOB_STATES,
+                     help="only jobs in this state (repeatable): %s" % ", ".join(JOB_STATES))
     sub.add_argument("--worker", metavar="ID", help="only the jobs of this worker (%s)" % (id_help % "its"))
     sub.add_argument("--limit", metavar="N", type=_positive(int),
                      help="only the N most recently started")
@@ -6563,6 +6588,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("jobsched: interrupted", file=sys.stderr)
         return 130
+    except _Signalled as e:  # a second SIGTERM or SIGHUP while run was stopping its job
+        print("jobsched: interrupted", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:
         return _stdout_closed()
 

@@ -4821,6 +4821,23 @@ class FanOutTest(ClusterTestCase):
         for name in workers:
             self.assertIn("jobsched: %s: signal: terminated\n" % self.names[name], err.decode())
 
+    def test_run_all_sigterm_and_sighup_stop_every_job(self):
+        scheduler, workers, client = self.labelled_cluster()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            marker = uuid.uuid4().hex
+            proc = popen_jobsched(self, ("run", "--all", "--path", "wait.sh", "--", "sh", marker),
+                                  env=dict(os.environ, **self.env))
+            seen = b""
+            while seen.count(b"started\n") < 3:
+                seen += read_until(proc, b"started\n")
+            proc.send_signal(signum)
+            out, err = proc.communicate(timeout=30)
+            self.assertEqual(proc.returncode, 128 + signum, err)
+            self.assertNotIn(b"Traceback", err)
+            jobs = [j for j in client.jobs() if marker in j["args"]]
+            self.assertEqual(len(jobs), 3)
+            self.assertEqual({j["state"] for j in jobs}, {"stopped"})
+
 
 def append_job(path, text, **spec):
     """A submit() spec whose job appends the line text to path (unique markers show each run)."""
@@ -5335,6 +5352,54 @@ class OutputReplyTest(unittest.TestCase):
             client.output(str(uuid.uuid4()))
         with self.assertRaises(jobsched.BadRequest):
             client.output(job_id, -1)
+
+
+class QueueCommandLineTest(ClusterTestCase):
+    """The queue from the command line: prefixes, stopping queued jobs, bad input, metrics."""
+
+    def test_queued_jobs_from_the_command_line(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        worker = self.worker(scheduler, slots=1)
+        client = self.client(scheduler)
+        wait_until(lambda: client.workers(), message="the worker to register")
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        holder = client.submit([{"command": "sleep", "args": ["30"]}])[0]
+        self.addCleanup(client.stop, holder)
+        wait_until(lambda: client.query(holder)["state"] == "running", message="the holder to run")
+        queued = self.cli("submit", "--", "true", env=env).stdout.decode().strip()
+        done = self.cli("stop", queued[:10], env=env)
+        self.assertEqual((done.returncode, done.stdout.decode()), (0, "%s cancelled\n" % queued))
+        # Ctrl-C of a run whose job still waits: the job is cancelled, run says so and exits 130
+        proc = popen_jobsched(self, ("run", "--", "true"), env=env)
+        stderr = type("Stderr", (), {"stdout": proc.stderr})  # read_until reads .stdout
+        line = read_until(stderr, b")\n")
+        self.assertIn(b"queued (position", line)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertRegex(err.decode(), r"jobsched: job [-0-9a-f]{36} cancelled\n$")
+        client.stop(holder)
+        later = self.cli("submit", "--", "true", env=env).stdout.decode().strip()
+        done = self.cli("wait", later[:12], env=env, timeout=60)
+        self.assertEqual((done.returncode, done.stdout.decode()), (0, "%s succeeded\n" % later))
+        done = self.cli("jobs", "--state", "runing", env=env)
+        self.assertEqual(done.returncode, 2, done.stderr)
+        # the scheduler counts the queue's starts and the ends its workers report
+        types, samples = parse_metrics(jobsched.scheduler_metrics(scheduler).decode())
+        self.assertGreaterEqual(metric(samples, "jobsched_jobs_started_total"), 2)
+        wait_until(lambda: metric(parse_metrics(jobsched.scheduler_metrics(scheduler).decode())[1],
+                                  "jobsched_jobs_finished_total", state="succeeded") >= 1,
+                   message="the end to be counted")
+
+    def test_submit_file_over_the_limit_is_refused_whole(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        path = os.path.join(self.tempdir(), "jobs")
+        with open(path, "w") as f:
+            f.write("true\n" * (jobsched.MAX_SUBMIT_JOBS + 1))
+        done = self.cli("submit", "--file", path, env=cli_env(JOBSCHED_SCHEDULER=scheduler.address))
+        self.assertEqual((done.returncode, done.stdout), (2, b""), done.stderr)
+        self.assertIn(b"at most 100000", done.stderr)
+        self.assertEqual(self.client(scheduler).jobs(), [])
 
 
 if __name__ == "__main__":
