@@ -6088,21 +6088,27 @@ class _FanOutJob:
             self.status, self.reason = 255 if self.job_id else 1, entry["error"]
             self.followed.set()
 
-    def follow(self, client, emit, stdout_closed):
+    def follow(self, client, emit, stdout_closed, patience):
+        """Rides out a lost scheduler as run does, for up to ``patience`` seconds."""
+        follower = _Follower(client, self.job_id, patience=patience, quiet=True, known=True)
         try:
-            self._follow(client, emit)
+            self._follow(follower, client, emit)
         except BrokenPipeError:
             stdout_closed.set()
+        except _LostTrack as e:
+            self.status = 255
+            self.reason = "lost the scheduler (%s); the job goes on: %s" % (e, follower.resume_hint())
         except Exception as e:  # a thread's target: the reason goes to the user, not lost
             self.status = 255
             self.reason = "outcome unknown: %s (jobsched.py query %s)" % (e, self.job_id)
         finally:
             self.followed.set()
 
-    def _follow(self, client, emit):
+    def _follow(self, follower, client, emit):
+        """follower.offset is always the first byte not yet handed to emit()."""
         data, offset = b"", 0
         while True:
-            reply = client.output(self.job_id, offset, MAX_OUTPUT_CHUNK, 10)
+            reply = follower.call(client.output, self.job_id, offset, MAX_OUTPUT_CHUNK, 10)
             offset, data = reply["offset"], data + reply["data"]
             # Whole lines only, so that hosts never mix within a line; a line longer than a
             # chunk goes as it is.
@@ -6110,11 +6116,13 @@ class _FanOutJob:
             if end:
                 emit(self, data[:end])
                 data = data[end:]
+            follower.offset = offset - len(data)
             if reply["eof"]:
                 break
         if data:
             emit(self, data)
-        job = client.query(self.job_id)
+            follower.offset = offset
+        job = follower.call(client.query, self.job_id)
         self.status = job_exit_status(job)
         if job["state"] != "succeeded":
             self.reason = job.get("error_text") or job["state"]
@@ -6188,7 +6196,7 @@ def _run_all(args):
             out.flush()
     for job in jobs:
         if job.started:
-            threading.Thread(target=job.follow, args=(client, emit, stdout_closed),
+            threading.Thread(target=job.follow, args=(client, emit, stdout_closed, args.reconnect),
                              name="jobsched-follow", daemon=True).start()
     signalled = _await_fan_out(client, [job for job in jobs if job.job_id], stdout_closed)
     if stdout_closed.is_set():

@@ -2404,6 +2404,18 @@ class FollowAcrossRestartTest(ClusterTestCase):
                                                           socket.gethostname())).encode(), err)
         self.assertNotIn(b"Traceback", err)
 
+    def test_run_all_survives_a_scheduler_restart(self):
+        gate, argv = self.gated_job_argv()
+        proc = popen_jobsched(self, ["run", "--all", "--no-prefix", "--"] + argv, env=self.env)
+        seen = read_until(proc, b"waiting\n")
+        self.kill_scheduler()
+        self.restart_scheduler()
+        open(gate, "w").close()
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 7, err)
+        self.assertEqual(seen + out, gated_output(200, 20000))  # nothing lost, nothing twice
+        self.assertNotIn(b"Traceback", err)
+
     def test_run_gives_up_after_reconnect_seconds_and_says_how_to_resume(self):
         gate, argv = self.gated_job_argv(first=50, second=10)
         proc = popen_jobsched(self, ["run", "--reconnect", "0.5", "--"] + argv, env=self.env)
