@@ -754,8 +754,11 @@ def run(counts, res, python=sys.executable):
     py = [python, JOBSCHED]
 
     note("starting scheduler, two workers and the floor server")
+    # --rpc-timeout 60: the scheduler's jobs() reads the 100000-job listing of a (fake) worker
+    # below, which takes longer than the default 10 s allow.
     sched_proc, address, _ = res.role(py + ["scheduler", "--listen", "127.0.0.1:0",
-                                            "--state-dir", res.path("scheduler")], "scheduler")
+                                            "--state-dir", res.path("scheduler"),
+                                            "--rpc-timeout", "60"], "scheduler")
     workers = []
     for name in ("worker1", "worker2"):
         proc, worker_address, line = res.role(py + [
