@@ -65,7 +65,7 @@ try:
 except ImportError:  # a Python built without OpenSSL still runs plain HTTP
     ssl = None
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 __all__ = [
     "JobschedError", "NotFound", "BadRequest", "Unavailable", "Unreachable", "OutcomeUnknown",
     "Unauthorized",
