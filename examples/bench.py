@@ -723,7 +723,8 @@ def compare_pythons(res, pythons, counts, rounds=9):
     for python in pythons:
         version = python_version(python)
         name = "py" + version.replace(".", "_")
-        proc, address, _ = res.role([python, JOBSCHED, "scheduler", "--listen", "127.0.0.1:0"],
+        proc, address, _ = res.role([python, JOBSCHED, "scheduler", "--listen", "127.0.0.1:0",
+                                     "--state-dir", res.path(name + "-scheduler")],
                                     name + "-scheduler")
         res.role([python, JOBSCHED, "worker", "--listen", "127.0.0.1:0", "--scheduler", address,
                   "--slots", "2000", "--state-dir", res.path(name + "-worker"), "--heartbeat", "2"],
@@ -903,7 +904,8 @@ def fan_out(res, counts, python=sys.executable):
     py = [python, JOBSCHED]
     n = counts["fan_out_workers"]
     note("fan-out: a scheduler and %d worker processes" % n)
-    sched_proc, address, _ = res.role(py + ["scheduler", "--listen", "127.0.0.1:0"], "fan-scheduler")
+    sched_proc, address, _ = res.role(py + ["scheduler", "--listen", "127.0.0.1:0", "--state-dir",
+                                            res.path("fan-scheduler")], "fan-scheduler")
     procs = [res.spawn(py + ["worker", "--listen", "127.0.0.1:0", "--scheduler", address,
                              "--slots", "8", "--state-dir", res.path("fan-%02d" % i),
                              "--heartbeat", "2", "--label", "rack=r%d" % (i % 4)],
