@@ -85,7 +85,7 @@ FOLLOW_POLL_SECONDS = 0.02    # how often a waiting output() looks at the file a
 MISSED_HEARTBEATS = 3         # a worker silent this many intervals is offline
 JOB_INDEX_LIMIT = 1000000     # job ids the scheduler remembers; older ones are asked for
 JOURNAL_LIMIT = 4 * MiB       # a worker's journal of started jobs is rewritten past this size
-EARLY_HEARTBEAT_GAP = 0.1     # the least time between a worker's heartbeats when jobs end
+EARLY_HEARTBEAT_GAP = 0.1     # the least time between two heartbeats of a worker
 FAN_OUT_THREADS = 64          # the most threads a start_all calls workers from
 
 
@@ -1757,7 +1757,8 @@ class Spawner:
             if version < (2, 26):  # POSIX_SPAWN_SETSID; exec errors reported through vfork
                 return None
             self._ctypes = ctypes
-            self._spawn = libc.posix_spawn
+            self._spawn, self._spawnp = libc.posix_spawn, libc.posix_spawnp
+            self._encoded = {}  # (name, value) -> b"name=value": most of every job's env repeats
             self._attr = (libc.posix_spawnattr_init, libc.posix_spawnattr_setflags,
                           libc.posix_spawnattr_setsigmask, libc.posix_spawnattr_setsigdefault,
                           libc.posix_spawnattr_destroy)
@@ -1822,11 +1823,25 @@ class Spawner:
 
     def _posix_spawn(self, argv, out, cwd, env, executable):
         ctypes = self._ctypes
-        path = self._find(argv[0], executable, cwd, env)
-        args = [os.fsencode(a) for a in argv]
         if env is None:
             env = os.environ
-        envp = [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items()]
+        spawn = self._spawn
+        if executable is None and os.sep not in argv[0] and env.get("PATH") == os.environ.get("PATH"):
+            # The PATH search of posix_spawnp (execvp's, in the child) is the job's own here,
+            # and costs no stat() per directory in the worker.
+            spawn, path = self._spawnp, os.fsencode(argv[0])
+        else:
+            path = self._find(argv[0], executable, cwd, env)
+        args = [os.fsencode(a) for a in argv]
+        encoded = self._encoded
+        if len(encoded) > 10000:  # jobs with ever new env values: start afresh
+            encoded.clear()
+        envp = []
+        for item in env.items():
+            line = encoded.get(item)
+            if line is None:
+                line = encoded[item] = os.fsencode(item[0]) + b"=" + os.fsencode(item[1])
+            envp.append(line)
         c_argv = (ctypes.c_char_p * (len(args) + 1))(*args)
         c_envp = (ctypes.c_char_p * (len(envp) + 1))(*envp)
         attr = ctypes.create_string_buffer(self._ATTR_BYTES)
@@ -1847,7 +1862,7 @@ class Spawner:
                 self._closefrom(actions, 3)
             if cwd:
                 self._chdir(actions, os.fsencode(cwd))
-            err = self._spawn(ctypes.byref(pid), path, actions, attr, c_argv, c_envp)
+            err = spawn(ctypes.byref(pid), path, actions, attr, c_argv, c_envp)
         finally:
             actions_destroy(actions)
             attr_destroy(attr)
@@ -2424,8 +2439,8 @@ class Worker(_Role):
 
     def _heartbeat_loop(self):
         """Register, then heartbeat; never give up on an unreachable scheduler, only on one that
-        refuses our token (fatal_error). A job's end beats early, so that the scheduler's count
-        of running jobs stays true, at most every EARLY_HEARTBEAT_GAP seconds."""
+        refuses our token (fatal_error). The scheduler's count of running jobs stays true between
+        heartbeats from the ends the reporter thread sends at once (see _report_loop)."""
         scheduler = RPCClient(self.scheduler, security=self.security, timeout=self.rpc_timeout)
         registered, failures, delay, last_beat = False, 0, 0.0, 0.0
         while True:
@@ -2703,7 +2718,6 @@ class Worker(_Role):
             self.metrics.job_ended(job.state, job.finished_at - job.started_at, output_bytes)
             self._job_changed.notify_all()
             record = job.to_record()
-        self._beat_now.set()
         self._report_ended(job)  # to the scheduler at once: its queue may use the slot
         self.state.record(job.job_id, record)
         log.info("job %s %s%s", job.job_id, job.state, ": " + job.error_text if job.error_text else "")
@@ -4446,6 +4460,10 @@ class Scheduler(_Role):
         if not isinstance(jobs, list):
             raise BadRequest("jobs must be an array of job structs")
         jobs = [want_struct(job, "jobs[%d]" % i) for i, job in enumerate(jobs)]
+        with self.workers_lock:
+            rec = self._workers.get(worker_id)
+            if rec is not None:  # until its next heartbeat tells the truth
+                rec.running = max(0, rec.running - len(jobs))
         self.queue.jobs_ended(worker_id, jobs)
         self._dispatch_wanted.set()
         self._count_finished([(job["job_id"], job.get("state", ""), job.get("finished_at", 0))
