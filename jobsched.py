@@ -5841,11 +5841,6 @@ def _submit_from_args(client, args):
     if not args.command:
         raise ConfigError("no command given: jobsched %s [options] -- COMMAND [ARG...]" % args.cmd)
     (job_id,) = client.submit([_queue_spec(args, args.command, _queue_ids(client, args))])
-    client.output(job_id, 0, 0, 0.25)  # answers as soon as the job has started, if it does
-    job = client.query(job_id)
-    if job["state"] == "queued" and job.get("position", 0) >= 1:
-        print("jobsched: job %s queued (position %d: %s)"
-              % (job_id, job["position"], job["reason"]), file=sys.stderr, flush=True)
     return job_id
 
 
@@ -5948,14 +5943,22 @@ def _place_job(client, args):
     return _submit_from_args(client, args)
 
 
-def _announce(client, job_id, follower):
-    """Say where the job runs, once it runs, so that it can always be found again."""
+def _announce(client, job_id, follower, quiet):
+    """Say once if the job waits in the queue, and where it runs once it runs (unless quiet),
+    so that it can always be found again."""
     try:
         job = follower.call(client.query, job_id)
+        if job["state"] == "queued":
+            follower.call(client.output, job_id, 0, 0, 0.25)  # answers once it has started
+            job = follower.call(client.query, job_id)
+            if job["state"] == "queued" and job.get("position", 0) >= 1:
+                _say("job %s queued (position %d: %s)" % (job_id, job["position"], job["reason"]))
         while job["state"] == "queued":  # output() answers once the job has started
             follower.call(client.output, job_id, 0, 0, 10)
             job = follower.call(client.query, job_id)
         if "worker_id" not in job or "pid" not in job:  # cancelled or refused before it started
+            return
+        if quiet:
             return
         worker_id = job["worker_id"]
         hostnames = {w["worker_id"]: w.get("hostname") for w in client.workers()}
@@ -5999,8 +6002,7 @@ def _run_to_the_end(client, job_id, args):
         try:
             if not announced:
                 announced = True
-                if not args.quiet:
-                    _announce(client, job_id, follower)
+                _announce(client, job_id, follower, args.quiet)
             if stop_asked is not None and not stopped:
                 follower.call(client.stop, job_id)
                 stopped = True
