@@ -2763,24 +2763,9 @@ class FindingJobsTest(ClusterTestCase):
         return client
 
 
-class ExamplesFromEnvTest(ClusterTestCase):
+class ExamplesFromEnvTest(CertificatesTestCase):
     """examples/client.py and examples/curl.sh read what the CLI reads, after the TLS
     walk-through: a token file, a CA, a client certificate."""
-
-    @classmethod
-    def setUpClass(cls):
-        if shutil.which("openssl") is None:
-            raise unittest.SkipTest("the openssl command is not installed")
-        cls.cert_dir = tempfile.mkdtemp(prefix="jobsched-tls-")
-        try:
-            cls.a, _ = make_certificates(cls.cert_dir)
-        except BaseException:
-            shutil.rmtree(cls.cert_dir, ignore_errors=True)
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.cert_dir, ignore_errors=True)
 
     def secured_cluster(self):
         """A mutual-TLS, token cluster; returns (scheduler, client, the CLI's environment)."""
