@@ -19,6 +19,7 @@ import base64
 import binascii
 import bisect
 import datetime
+import email.utils
 import errno
 import fcntl
 import fnmatch
@@ -679,6 +680,19 @@ def send_close_notify(sock):
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
 
 
+_date = (0, "")  # (second, its HTTP date): formatted once a second, not once an answer
+
+
+def http_date():
+    """The HTTP Date header's value for now."""
+    global _date
+    now = int(time.time())
+    date = _date
+    if date[0] != now:
+        date = _date = now, email.utils.formatdate(now, usegmt=True)
+    return date[1]
+
+
 class Headers(dict):
     """HTTP headers by lower-cased name (of repeated ones, the last), read without the email
     package, whose parser cost a tenth of the CPU of a small request on each side.
@@ -915,23 +929,37 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         self._reply(status, json.dumps(obj).encode("utf-8"), "application/json", close=close)
 
     def _reply(self, status, body, content_type, close=False, headers=()):
+        """Write the answer in one write (head and body together: one segment, one wakeup)."""
         self.reader.finish()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers:
-            self.send_header(name, value)
+        head = ["%s %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                % (self.protocol_version, status, http.client.responses.get(status, ""),
+                   self.server_version, http_date(), content_type, len(body))]
+        head.extend("%s: %s\r\n" % header for header in headers)
         if close:
-            self.send_header("Connection", "close")
+            head.append("Connection: close\r\n")
             self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
+        head.append("\r\n")
+        self.wfile.write("".join(head).encode("latin-1") + body)
 
     def log_request(self, code="-", size="-"):
         pass  # one line per event, not per request
 
     def log_message(self, format, *args):
         log.debug("%s: %s", self.client_address[0], format % args)
+
+
+def positional_arity(signature):
+    """(least, most) positional arguments a call with this signature takes (most may be inf)."""
+    least, most = 0, 0
+    for parameter in signature.parameters.values():
+        if parameter.kind == parameter.VAR_POSITIONAL:
+            most = float("inf")
+        elif parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            most += 1
+            least += parameter.default is parameter.empty
+        elif parameter.default is parameter.empty:  # a required keyword-only one: never callable
+            return 1, 0
+    return least, most
 
 
 class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
@@ -965,6 +993,8 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         self.ssl_context = security.server_context()
         self.methods = dict(methods)
         self._signatures = {name: inspect.signature(func) for name, func in self.methods.items()}
+        self._arity = {name: positional_arity(signature)
+                       for name, signature in self._signatures.items()}
         self.json_routes = dict(json_routes or {})
         self.page_routes = dict(page_routes or {})
         self.metrics = metrics
@@ -1145,10 +1175,12 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
             self.metrics.observe_rpc(name, code, time.monotonic() - began)
 
     def _call(self, func, name, params):
-        try:
-            self._signatures[name].bind(*params)
-        except TypeError as e:
-            raise BadRequest("%s: %s" % (name, e))
+        least, most = self._arity[name]
+        if not least <= len(params) <= most:  # what Signature.bind() would refuse, at a tenth
+            try:
+                self._signatures[name].bind(*params)
+            except TypeError as e:
+                raise BadRequest("%s: %s" % (name, e))
         try:
             return func(*params)
         except JobschedError:
@@ -1289,112 +1321,113 @@ def is_tls_alert(error):
             and "ALERT" in (getattr(error, "reason", None) or ""))
 
 
-class _Transport(xmlrpc.client.Transport):
-    """One kept-alive HTTP(S) connection with a timeout and the token on every request.
+class _Transport:
+    """One kept-alive HTTP(S) connection to one server, with a timeout and the token on every
+    request. A request goes out in one sendall() (head and body together: one segment, one
+    wakeup of the server); the answer is read by _Response.
 
     After a failed request, ``sent`` tells whether the whole request had been written (the server
     may have acted on it) or not (it certainly did not)."""
-    accept_gzip_encoding = False
 
-    def __init__(self, tls_context, authorization, timeout):
-        super().__init__()
+    def __init__(self, host, port, tls_context, authorization, timeout):
+        self.host, self.port = host, port
         self.tls_context = tls_context
-        self.authorization = authorization
         self.timeout = timeout
         self.relay = False  # return the reply as a _RelayedReply instead of parsing it
         self.sent = False
         self.idle_since = 0.0  # time.monotonic() when last put back in its pool
         self.generation = 0    # of its RPCClient's pool
+        self.sock = None
+        head = "POST /RPC2 HTTP/1.1\r\nHost: %s\r\nUser-Agent: jobsched/%s\r\n" \
+               "Content-Type: text/xml\r\n" % (format_address(host, port), __version__)
+        if authorization:
+            head += "Authorization: %s\r\n" % authorization
+        self._head = (head + "Content-Length: ").encode("latin-1")
 
-    def make_connection(self, host):
-        if self._connection and host == self._connection[0]:
-            return self._connection[1]
-        if self.tls_context is not None:
-            connection = http.client.HTTPSConnection(host, timeout=self.timeout,
-                                                     context=self.tls_context)
-        else:
-            connection = http.client.HTTPConnection(host, timeout=self.timeout)
-        connection.response_class = _Response
-        connection._create_connection = create_connection
-        self._connection = host, connection
-        return connection
+    def connect(self):
+        sock = create_connection((self.host, self.port), self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls_context is not None:
+                sock = self.tls_context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
-    def close(self):
-        connection = self._connection[1]
-        if connection is not None and connection.sock is not None:
-            send_close_notify(connection.sock)
-        super().close()
+    def close(self, response=None):
+        """Close the connection (and the answer being read from it, which holds its socket)."""
+        if response is not None:
+            response.close()
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            send_close_notify(sock)
+            sock.close()
 
     def closed_by_peer(self):
         """True if the idle connection has something to read: the server closed it (or sent junk)."""
-        connection = self._connection[1]
-        if connection is None or connection.sock is None:
+        if self.sock is None:
             return False
         if hasattr(select, "poll"):  # select() cannot take a descriptor above FD_SETSIZE
             poller = select.poll()
-            poller.register(connection.sock, select.POLLIN)
+            poller.register(self.sock, select.POLLIN)
             return bool(poller.poll(0))
-        return bool(select.select([connection.sock], [], [], 0)[0])
+        return bool(select.select([self.sock], [], [], 0)[0])
 
-    def request(self, host, handler, request_body, verbose=False):
-        """The stdlib's, but sent again only when a kept-alive connection turns out to have been
-        closed by the server before any byte of the answer (as HTTP clients do: the server most
-        likely closed it while it was idle). The stdlib's would also send again after a fresh
-        connection was lost, and not after a TLS connection closed without close_notify."""
+    def request(self, body):
+        """The call's result as a 1-tuple (or a _RelayedReply); Fault for a fault answer,
+        ProtocolError for an HTTP status other than 200. The request is sent again only when a
+        kept-alive connection turns out to have been closed by the server before any byte of
+        the answer (as HTTP clients do: the server most likely closed it while it was idle)."""
+        message = self._head + str(len(body)).encode("ascii") + b"\r\n\r\n" + body
         self.sent = False
         for retry in (False, True):
-            connection = self._connection[1]
-            reused = connection is not None and connection.sock is not None
+            reused = self.sock is not None
             sent_before = self.sent
+            response = None
             try:
-                connection = self.send_request(host, handler, request_body, verbose)
+                if self.sock is None:
+                    self.connect()
+                self.sock.sendall(message)
                 self.sent = True
-                response = connection.getresponse()
+                response = _Response(self.sock, method="POST")
+                response.begin()
                 break
             except _CLOSED_BY_PEER:
-                self.close()
+                self.close(response)
                 if retry or not reused:
                     raise
             except BaseException as e:
-                self.close()
+                self.close(response)
                 if not reused and is_tls_alert(e):  # the handshake failed after all
                     self.sent = sent_before
                 raise
         try:
-            if response.status == 200:
-                return self.parse_response(response)
+            reply = response.read()  # whole: the stdlib fed it to expat 1 KiB at a time
+        except BaseException:
+            self.close(response)
+            raise
+        response.close()
+        if response.will_close or response.status != 200:
+            self.close()
+        if response.status != 200:
+            raise xmlrpc.client.ProtocolError(format_address(self.host, self.port) + "/RPC2",
+                                              response.status, response.reason,
+                                              dict(response.getheaders()))
+        if self.relay:
+            return (_RelayedReply(reply),)
+        try:
+            return loads_request(reply)[0]
         except xmlrpc.client.Fault:
             raise
         except BaseException:
-            response.close()
             self.close()
             raise
-        response.close()
-        raise xmlrpc.client.ProtocolError(host + handler, response.status, response.reason,
-                                          dict(response.getheaders()))
-
-    def send_headers(self, connection, headers):
-        super().send_headers(connection, headers)
-        if self.authorization:
-            connection.putheader("Authorization", self.authorization)
-
-    def parse_response(self, response):
-        # The stdlib reads and feeds the reply 1 KiB at a time: 1400 rounds per MiB of output.
-        body = response.read()
-        if self.relay:
-            return (_RelayedReply(body),)
-        parser, unmarshaller = self.getparser()
-        parser.feed(body)
-        parser.close()
-        return unmarshaller.close()
 
     def set_timeout(self, seconds):
         self.timeout = seconds
-        connection = self._connection[1]
-        if connection is not None:
-            connection.timeout = seconds
-            if connection.sock is not None:
-                connection.sock.settimeout(seconds)
+        if self.sock is not None:
+            self.sock.settimeout(seconds)
 
 
 _CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ResponseError,
@@ -1419,6 +1452,7 @@ class RPCClient:
     def __init__(self, address=DEFAULT_SCHEDULER, token=None, tls_ca=None, tls_cert=None,
                  tls_key=None, timeout=10.0, security=None):
         scheme, host, port, password = parse_address(address)
+        self._host, self._port = host, port
         self.security = security or Security(token=token, tls_cert=tls_cert, tls_key=tls_key,
                                              tls_ca=tls_ca)
         self.address = format_address(host, port)
@@ -1440,7 +1474,7 @@ class RPCClient:
         if timeout is not None:
             transport.set_timeout(timeout)
         try:
-            result = transport.request(self.address, "/RPC2", request)[0]
+            result = transport.request(request)[0]
         except xmlrpc.client.Fault as fault:
             self._release(transport, timeout)
             raise error_from_fault(fault) from None
@@ -1475,7 +1509,8 @@ class RPCClient:
         for old in expired:
             old.close()
         if transport is None:
-            transport = _Transport(self._tls_context, self._authorization, self.timeout)
+            transport = _Transport(self._host, self._port, self._tls_context, self._authorization,
+                                   self.timeout)
             transport.generation = generation
         elif now - transport.idle_since > self.check_after and transport.closed_by_peer():
             transport.close()  # a fresh connection, not a request sure to fail
@@ -1932,6 +1967,7 @@ class Job:
 
 MAX_START_BATCH = 64          # jobs started by one start_many call
 JOB_END_BACKLOG = 100000      # ended jobs a worker keeps to report while the scheduler is away
+JOB_END_GAP = 0.01            # s between two reports of ended jobs: a burst of ends goes in one
 #: what a worker reports of an ended job: the scheduler keeps no more (and parses less)
 JOB_END_KEYS = ("job_id", "state", "error_text", "exit_code", "signal", "pid", "started_at",
                 "finished_at", "output_bytes")
@@ -2487,22 +2523,34 @@ class Worker(_Role):
         if self.scheduler:
             self._ended_jobs.put(job)
 
+    def _take_ended(self, pending, block):
+        """Move the ended jobs waiting for the report loop into pending; true if close() asked
+        the loop to stop."""
+        stopping = False
+        try:
+            while True:
+                job = self._ended_jobs.get(block=block and not stopping and not pending)
+                if job is None:
+                    stopping = True
+                else:
+                    pending.append(job)
+        except queue.Empty:
+            pass
+        return stopping
+
     def _report_loop(self):
         """Tell the scheduler of each ended job at once (it starts a queued job in the slot),
         several per call when they end together. While the scheduler cannot be reached the ends
         wait, the oldest dropped past JOB_END_BACKLOG: a restarted scheduler learns them."""
         scheduler = RPCClient(self.scheduler, security=self.security, timeout=self.rpc_timeout)
-        pending, failures, stopping = deque(), 0, False
+        pending, failures, stopping, sent_at = deque(), 0, False, 0.0
         while not stopping or pending:
-            try:
-                while True:
-                    job = self._ended_jobs.get(block=not pending and not stopping)
-                    if job is None:
-                        stopping = True
-                    else:
-                        pending.append(job)
-            except queue.Empty:
-                pass
+            stopping = self._take_ended(pending, block=not pending and not stopping) or stopping
+            pause = sent_at + JOB_END_GAP - time.monotonic()
+            if pause > 0 and not stopping:  # an end after a report waits out the gap, with others
+                time.sleep(pause)
+                stopping = self._take_ended(pending, block=False)
+            sent_at = time.monotonic()
             while len(pending) > JOB_END_BACKLOG:
                 pending.popleft()
             batch = [pending[i] for i in range(min(len(pending), 200))]
@@ -5547,13 +5595,14 @@ class Client(RPCClient):
         """The result of a reply the transport handed over unparsed; its fault raised as
         call() raises it."""
         try:
-            return xmlrpc.client.loads(body)[0][0]
+            return loads_request(body)[0][0]
         except xmlrpc.client.Fault as fault:
             error = error_from_fault(fault)
             if isinstance(error, (BadRequest, NotFound)):
                 error = self._wrong_role(error, method)
             raise error from None
-        except (pyexpat.ExpatError, xmlrpc.client.ResponseError, IndexError):
+        except (pyexpat.ExpatError, xmlrpc.client.ResponseError, IndexError, ValueError,
+                JobschedError):
             raise Unreachable("%s sent a reply that is not XML-RPC" % self.address) from None
 
     def follow(self, job_id, offset=0, wait_seconds=10):
@@ -5682,9 +5731,28 @@ def _resolve(client, text, kind, listing=None):
         if unsearched else "")))
 
 
+class _LogFormatter(logging.Formatter):
+    """"asctime levelname message", the time formatted once a second: strftime for each line
+    cost a worker a tenth of a job start's CPU (it logs each start and each end)."""
+    _second = (None, "")
+
+    def formatTime(self, record, datefmt=None):
+        second, text = self._second
+        if second != int(record.created):
+            second = int(record.created)
+            text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._second = second, text
+        return "%s,%03d" % (text, record.msecs)
+
+
 def _configure_logging(level):
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    """Log to stderr (the commands own their process's logging; a program that imports jobsched
+    configures its own). Records skip what no line shows: the caller's frame, thread, process."""
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _serve_until_signal(role, banner):

@@ -4141,7 +4141,7 @@ class ExactlyOnceTest(ClusterTestCase):
         client = self.client(scheduler)
         client.check_after = 3600.0  # no look before use: the request meets the closed connection
         self.assertEqual(client.info()["role"], "scheduler")
-        sock = client._idle[-1]._connection[1].sock
+        sock = client._idle[-1].sock
         wait_until(lambda: select.select([sock], [], [], 0)[0],
                    message="the server to close the idle connection")
         self.assertEqual(client.info()["role"], "scheduler")
@@ -4301,6 +4301,19 @@ class OddPeerTest(ClusterTestCase):
         self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
         wait_until(lambda: threading.active_count() <= baseline, message="no thread left behind")
 
+    def test_a_reply_with_a_dtd_is_refused_not_expanded(self):
+        laughs = (b"<?xml version='1.0'?><!DOCTYPE r [<!ENTITY a 'aaaaaaaaaa'>"
+                  b"<!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;'>]><methodResponse><params><param>"
+                  b"<value><string>&b;</string></value></param></params></methodResponse>")
+        peer, address = scripted_peer(self, lambda method, params, count: laughs)
+        client = jobsched.Client(address, timeout=5.0)
+        self.addCleanup(client.close)
+        for call in (client.info, lambda: client.output(str(uuid.uuid4()))):
+            error = fault_of(call)
+            self.assertIsInstance(error, jobsched.Unreachable)
+            self.assertIn("DTDs and entity declarations are not allowed" if call == client.info
+                          else "not XML-RPC", str(error))
+
     def test_register_refuses_an_address_that_is_not_host_port(self):
         scheduler = self.scheduler()
         for bad in ("node1..example.org:1", "-node.example.org:1", "node_1.example.org:1",
@@ -4373,7 +4386,7 @@ class TLSKeepAliveTest(CertificatesTestCase):
         pool = scheduler._workers[worker.worker_id].client
         pool.check_after = 3600.0  # no look before use: the start meets the closed connection
         self.wait_done(client, client.start("", "true", ""))
-        sock = pool._idle[-1]._connection[1].sock
+        sock = pool._idle[-1].sock
         wait_until(lambda: select.select([sock], [], [], 0)[0],
                    message="the worker to close the idle connection")
         job_id = client.start("", "true", "")  # was: "no worker has a free slot"
@@ -4438,7 +4451,7 @@ class ConnectionLifetimeTest(ClusterTestCase):
         self.wait_done(client, client.start("", "true", ""))
         pool = scheduler._workers[worker.worker_id].client
         self.assertTrue(pool._idle)
-        sock = pool._idle[-1]._connection[1].sock
+        sock = pool._idle[-1].sock
         wait_until(lambda: not pool._idle and sock.fileno() == -1,
                    message="the idle connection to be closed")
         self.assertEqual(self.wait_done(client, client.start("", "true", ""))["state"], "succeeded")
