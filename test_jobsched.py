@@ -1341,6 +1341,29 @@ class CommandLineTest(ClusterTestCase):
         out, err = proc.communicate(timeout=30)
         self.assertEqual((proc.returncode, seen + out), (0, b"one\ntwo\n"), err)
 
+    def test_logs_of_several_mib_asks_ahead_and_writes_every_byte_once(self):
+        size = 3 * jobsched.MAX_OUTPUT_CHUNK + 12345  # four chunks: two asked for ahead
+        job_id = self.c.start("", "head", "", {"args": ["-c", str(size), "/dev/urandom"]})
+        self.wait_done(self.c, job_id)
+        with open(os.path.join(self.state_dir, job_id + ".out"), "rb") as f:
+            payload = f.read()
+        self.assertEqual(len(payload), size)
+        for offset in (0, jobsched.MAX_OUTPUT_CHUNK - 1, size - 5):
+            result = self.run_cli("logs", job_id, "--offset", str(offset))
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertTrue(result.stdout == payload[offset:], "offset %d: %d bytes written, "
+                            "%d expected" % (offset, len(result.stdout), size - offset))
+        # A job still writing: the chunks asked for ahead wait for their bytes, then the end.
+        gate = os.path.join(self.tempdir(), "gate")
+        job_id = self.start_running("sh", "-c", 'head -c 2200000 /dev/zero; while [ ! -e "$1" ]; '
+                                    'do sleep 0.02; done; echo end', "sh", gate)
+        proc = self.popen_cli("logs", "-f", job_id)
+        seen = read_until(proc, b"\0" * 100)
+        open(gate, "w").close()
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertTrue(seen + out == b"\0" * 2200000 + b"end\n", len(seen + out))
+
     def test_query_jobs_workers_json_and_stop(self):
         job_id = self.start_running("sleep", "300")
         calls = [("query", job_id, "--json"), ("query", job_id), ("jobs", "--json"), ("jobs",),
@@ -3083,12 +3106,13 @@ class MetricsFormatTest(ClusterTestCase):
         ended = {"job_id": "j", "state": "failed", "done": True, "finished_at": 1795816431.39,
                  "exit_code": 3}
         reply = jobsched.dumps_response(ended)
-        self.assertEqual(jobsched.job_end(reply, "j"), ("j", "failed", 1795816431.39))
+        relayed = jobsched._RelayedReply
+        self.assertEqual(jobsched.job_end(relayed(reply), "j"), ("j", "failed", 1795816431.39))
         self.assertEqual(jobsched.job_end(ended, "j"), ("j", "failed", 1795816431.39))
         running = jobsched.dumps_response({"job_id": "j", "state": "running", "done": False})
-        self.assertIsNone(jobsched.job_end(running, "j"))
+        self.assertIsNone(jobsched.job_end(relayed(running), "j"))
         fault = xmlrpc.client.dumps(xmlrpc.client.Fault(1, "job not found: j")).encode()
-        self.assertIsNone(jobsched.job_end(fault, "j"))
+        self.assertIsNone(jobsched.job_end(relayed(fault), "j"))
         self.assertEqual(jobsched.relayed_fault_code(fault), 1)
         self.assertEqual(jobsched.relayed_fault_code(reply), 0)
 
@@ -5345,8 +5369,10 @@ class OutputReplyTest(unittest.TestCase):
                     struct = {"data": xmlrpc.client.Binary(data), "offset": jobsched.wire_int(offset),
                               "eof": eof}
                     ours = jobsched.dumps_response(struct)
+                    direct = jobsched.dumps_output_reply(struct)  # what a worker answers
                     stock = xmlrpc.client.dumps((struct,), methodresponse=True).encode()
-                    for body in (ours, stock):  # one base64 line, or the stdlib's 76 columns
+                    self.assertEqual(xmlrpc.client.loads(direct), xmlrpc.client.loads(stock))
+                    for body in (ours, direct, stock):  # one base64 line, or 76 columns
                         self.assertEqual(jobsched.parse_output_reply(body),
                                          {"data": data, "offset": offset, "eof": eof})
         fault = xmlrpc.client.dumps(xmlrpc.client.Fault(1, "job not found"), methodresponse=True)
