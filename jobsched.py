@@ -980,6 +980,24 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         log.debug("%s: %s", self.client_address[0], format % args)
 
 
+TRIM_SECONDS = 5.0
+_malloc_trim = []  # [glibc's malloc_trim, or None], looked up once
+
+
+def release_free_memory():
+    """Give the free pages of the C heap back to the system: glibc keeps what a peak freed (the
+    compiling of this file at start-up, 11 MB; the reply listing 100000 jobs) in the process
+    otherwise. Elsewhere than glibc, nothing. ctypes releases the GIL for the call."""
+    if not _malloc_trim:
+        try:
+            import ctypes
+            _malloc_trim.append(ctypes.CDLL(None).malloc_trim)
+        except (ImportError, OSError, AttributeError):
+            _malloc_trim.append(None)
+    if _malloc_trim[0] is not None:
+        _malloc_trim[0](0)
+
+
 def positional_arity(signature):
     """(least, most) positional arguments a call with this signature takes (most may be inf)."""
     least, most = 0, 0
@@ -1061,6 +1079,16 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         thread.start()
         self._serving = True
         return thread
+
+    _trimmed_at = 0.0
+
+    def service_actions(self):
+        """Called by serve_forever() between polls: every TRIM_SECONDS, hand the memory that a
+        peak freed back to the system."""
+        now = time.monotonic()
+        if now - self._trimmed_at >= TRIM_SECONDS:
+            self._trimmed_at = now
+            release_free_memory()
 
     def close(self):
         if getattr(self, "_serving", False):  # shutdown() waits for a serve_forever() to end
