@@ -1012,6 +1012,17 @@ def positional_arity(signature):
     return least, most
 
 
+def _expired(items, cutoff, running=True):
+    """The keys of (key, since) items, oldest first, up to the first since > cutoff (all of
+    them if not running): a thousand parked connections are not all looked at each time."""
+    expired = []
+    for key, since in items:
+        if running and since > cutoff:
+            break
+        expired.append(key)
+    return expired
+
+
 class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
     """Threaded XML-RPC + JSON server: a thread per busy connection, TLS handshakes in it.
 
@@ -1157,9 +1168,8 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
                     continue
                 selector.unregister(key.fileobj)
                 client_address, _ = parked.pop(key.fileobj)
-                try:
-                    threading.Thread(target=self.serve_connection,
-                                     args=(key.fileobj, client_address), daemon=True).start()
+                try:  # threading.Thread.start() would wait here for the thread to run
+                    _thread.start_new_thread(self.serve_connection, (key.fileobj, client_address))
                 except RuntimeError:  # no thread to be had: drop the connection, not the loop
                     self.shutdown_request(key.fileobj)
             with self._park_lock:
@@ -1171,16 +1181,16 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
                     parked[connection] = client_address, now
                 except (ValueError, OSError):  # closed under us
                     self.shutdown_request(connection)
-            for connection in [c for c, (_, since) in parked.items()
-                               if not running or now - since > self.read_timeout]:
+            # Both dicts are in the order of arrival: the expired ones are first.
+            for connection in _expired(((c, since) for c, (_, since) in parked.items()),
+                                       now - self.read_timeout, running):
                 del parked[connection]
                 if running and self._half_close(connection):
                     closing[connection] = now
                 else:
                     selector.unregister(connection)
                     self.shutdown_request(connection)
-            for connection in [c for c, since in closing.items()
-                               if not running or now - since > self.read_timeout]:
+            for connection in _expired(closing.items(), now - self.read_timeout, running):
                 del closing[connection]
                 selector.unregister(connection)
                 connection.close()
@@ -4270,10 +4280,12 @@ class Scheduler(_Role):
             self._round_robin += 1
             first = self._round_robin % len(records) if records else 0
             best, best_free = None, None
-            for rec in records[first:] + records[:first]:
+            for rec in itertools.chain(itertools.islice(records, first, None),
+                                       itertools.islice(records, first)):
                 free = rec.slots - rec.running
-                if (best_free is None or free > best_free) and rec.worker_id not in tried \
-                        and rec.online(now) and (accept is None or accept(rec)):
+                if best_free is not None and free <= best_free:
+                    continue  # the cheap test first: a thousand records are looked at
+                if rec.worker_id not in tried and rec.online(now) and (accept is None or accept(rec)):
                     best, best_free = rec, free
             if best is not None:
                 best.running += 1
@@ -4615,23 +4627,29 @@ class Scheduler(_Role):
             if self._closed.is_set():
                 return
             try:
-                now, turn = time.monotonic(), turn + 1
-                with self.workers_lock:
-                    workers = [(rec.worker_id, rec.slots, rec.labels, rec.client)
-                               for rec in self._workers.values()
-                               if rec.online(now) and rec.client is not None]
-                first = turn % len(workers) if workers else 0
-                workers = workers[first:] + workers[:first]  # ties go round
-                starts, settles = self.queue.plan([worker[:3] for worker in workers])
-                for worker_id, _, _, client in workers:
-                    for calls, settle in ((starts, False), (settles, True)):
-                        if worker_id in calls:
-                            _thread.start_new_thread(self._call_worker, (
-                                worker_id, client, calls[worker_id], settle))
+                if self.queue.has_work():  # else not one look at a thousand workers
+                    turn = self._dispatch(turn + 1)
                 if self.queue.dependencies_to_ask() and self._asking.acquire(blocking=False):
                     _thread.start_new_thread(self._ask_dependencies, ())
             except Exception:
                 log.exception("internal error in the dispatcher")
+
+    def _dispatch(self, turn):
+        """One round of _dispatch_loop: plan, and call the workers that get jobs."""
+        now = time.monotonic()
+        with self.workers_lock:
+            workers = [(rec.worker_id, rec.slots, rec.labels, rec.client)
+                       for rec in self._workers.values()
+                       if rec.online(now) and rec.client is not None]
+        first = turn % len(workers) if workers else 0
+        workers = workers[first:] + workers[:first]  # ties go round
+        starts, settles = self.queue.plan([worker[:3] for worker in workers])
+        for worker_id, _, _, client in workers:
+            for calls, settle in ((starts, False), (settles, True)):
+                if worker_id in calls:
+                    _thread.start_new_thread(self._call_worker, (
+                        worker_id, client, calls[worker_id], settle))
+        return turn
 
     def _call_worker(self, worker_id, client, jobs, settle):
         """Start jobs on a worker (settle: first ask it about each), then tell the queue."""
