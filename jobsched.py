@@ -6784,12 +6784,37 @@ def build_parser():
     return parser
 
 
+#: what a scheduler or worker run as a script executes itself again as: this file, by runpy
+_RERUN = "import runpy, sys; sys.argv[0] = sys.argv.pop(1); " \
+         "sys.exit(runpy.run_path(sys.argv[0], run_name='jobsched')['main']())"
+
+
+def _rerun_without_the_scripts_syntax_tree(argv):
+    """Python 3.9 and later keep the syntax tree of the script they run until it ends: 15 MB
+    of this file's, for the life of a scheduler or worker. Run as a script, the roles execute
+    themselves again (same pid, interpreter, flags, arguments and environment) with this file
+    compiled by runpy, which frees the tree at once. Returns only if that cannot be done."""
+    if __name__ != "__main__" or sys.version_info < (3, 9) or not sys.executable:
+        return
+    path = os.path.abspath(__file__)
+    if not os.path.isfile(path):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, [sys.executable] + subprocess._args_from_interpreter_flags()
+                 + ["-c", _RERUN, path] + list(sys.argv[1:] if argv is None else argv))
+    except OSError:
+        pass  # run on as we are, with the larger memory
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
         args.command = args.command[1:]
     if args.cmd in ("scheduler", "worker"):
+        _rerun_without_the_scripts_syntax_tree(argv)
         _configure_logging(args.log_level)
     elif args.cmd == "demo":
         _configure_logging("error")

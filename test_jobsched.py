@@ -1436,6 +1436,26 @@ class CommandLineTest(ClusterTestCase):
 class ProcessTest(ClusterTestCase):
     """Real role processes: signals, the state-dir lock, import hygiene, the demo."""
 
+    def test_a_role_run_as_a_script_runs_again_without_the_scripts_syntax_tree(self):
+        state_dir = os.path.join(self.tempdir(), "state dir \u00e9")  # arguments kept as given
+        proc, address = self.spawn("worker", "--listen", "127.0.0.1:0", "--scheduler", "",
+                                   "--state-dir", state_dir, "--label", "k=v w")
+        client = self.client(address)
+        self.assertEqual(client.info()["labels"]["k"], "v w")
+        job_id = client.start("true", "")
+        self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+        self.assertTrue(os.path.exists(os.path.join(state_dir, job_id + ".json")))
+        if not os.path.exists("/proc/%d/cmdline" % proc.pid):
+            return  # macOS: the behaviour above is what counts
+        with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+            argv = f.read().split(b"\0")[:-1]
+        rerun = sys.version_info >= (3, 9)  # 3.6 to 3.8 free the tree after compiling
+        self.assertEqual(b"-c" in argv, rerun, argv)  # same pid: the process executed itself
+        self.assertEqual(argv[argv.index(os.path.abspath(JOBSCHED).encode()):][1:3] if rerun
+                         else argv[2:4], [b"worker", b"--listen"])
+        proc.terminate()
+        self.assertEqual(proc.wait(timeout=20), 0)
+
     def test_worker_sigterm_stops_jobs_deregisters_exits_0(self):
         scheduler = self.scheduler()
         c = self.client(scheduler)
