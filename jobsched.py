@@ -5922,11 +5922,11 @@ class _LostTrack(Exception):
 
 class _CallAhead(threading.Thread):
     """func(*args) called in a thread of its own now; result() returns or raises what it did.
-    args[2] is the offset asked for (an output() call's)."""
+    args[1] is the offset asked for (an output() call's)."""
 
     def __init__(self, func, *args):
         threading.Thread.__init__(self, name="jobsched-ahead", daemon=True)
-        self.func, self.args, self.offset = func, args, args[2]
+        self.func, self.args, self.offset = func, args, args[1]
         self.value = self.error = None
         self.start()
 
@@ -5985,18 +5985,24 @@ class _Follower:
         scheduler's relay and this end's decoding of successive chunks overlap."""
         out, ahead, wait = sys.stdout.buffer, deque(), 10 if follow else 0
         while True:
+            reply = None
             if ahead and ahead[0].offset == self.offset:
-                reply = ahead.popleft().result()
-            else:
+                try:
+                    reply = ahead.popleft().result()
+                except JobschedError:
+                    pass  # asked again below, where failures are retried and reported
+            if reply is None:
                 ahead.clear()  # asked for offsets that are not next (their threads just end)
                 reply = self.call(self.client.output, self.job_id, self.offset, MAX_OUTPUT_CHUNK,
                                   wait)
             if len(reply["data"]) == MAX_OUTPUT_CHUNK and not reply["eof"]:
                 # Two chunks in flight: one being decoded here while the next is encoded there.
+                # One bare call each, without waiting for bytes not written yet: only this
+                # thread retries and speaks to the user.
                 while len(ahead) < 2:
-                    ahead.append(_CallAhead(self.call, self.client.output, self.job_id,
+                    ahead.append(_CallAhead(self.client.output, self.job_id,
                                             reply["offset"] + len(ahead) * MAX_OUTPUT_CHUNK,
-                                            MAX_OUTPUT_CHUNK, wait))
+                                            MAX_OUTPUT_CHUNK, 0))
             else:
                 ahead.clear()
             out.write(reply["data"])
