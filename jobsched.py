@@ -981,6 +981,7 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
 
 
 TRIM_SECONDS = 5.0
+IDLE_THREAD_SECONDS = 5.0  # a thread that served a woken connection waits this long for another
 _malloc_trim = []  # [glibc's malloc_trim, or None], looked up once
 
 
@@ -1066,6 +1067,10 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         #: guards self._to_park (connections handed to the parking thread), self._parking and
         #: sends on self._wake_parking (a socketpair while the parking thread runs)
         self._to_park, self._parking = [], False
+        self._woken_lock = threading.Condition(threading.Lock())
+        #: guards self._woken (woken connections for the idle threads to take, oldest first)
+        #: and self._idle (threads waiting for one); its notify() wakes an idle thread
+        self._woken, self._idle = deque(), 0
         try:
             super().__init__((host, port), requestHandler=RequestHandler, logRequests=False,
                              allow_none=False)
@@ -1108,6 +1113,11 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
             if self._parking:
                 self._parking = False
                 self._wake()  # the parking thread closes the pair
+        with self._woken_lock:  # the idle threads end now, and nothing is left for them
+            woken, self._woken = self._woken, deque()
+            self._woken_lock.notify_all()
+        for connection, _ in woken:
+            self.shutdown_request(connection)
         self.server_close()
 
     def process_request_thread(self, request, client_address):
@@ -1136,6 +1146,37 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
                 self._wake()
                 return
         self.shutdown_request(connection)
+
+    def _serve_woken(self, connection, client_address):
+        """Serve a parked connection whose next request has come, on an idle thread of an
+        earlier one, else on a new thread (a heartbeat every 2 s from each of 1000 workers
+        would otherwise start and end 500 threads a second)."""
+        with self._woken_lock:
+            if self._idle > len(self._woken):
+                self._woken.append((connection, client_address))
+                self._woken_lock.notify()
+                return
+        try:  # threading.Thread.start() would wait here for the thread to run
+            _thread.start_new_thread(self._serve_and_stay, (connection, client_address))
+        except RuntimeError:  # no thread to be had: drop the connection, not the loop
+            self.shutdown_request(connection)
+
+    def _serve_and_stay(self, connection, client_address):
+        """Serve the connection, then the next woken one, until none comes for IDLE_THREAD
+        seconds (or the server closes)."""
+        while True:
+            self.serve_connection(connection, client_address)
+            with self._woken_lock:
+                self._idle += 1
+                deadline = time.monotonic() + IDLE_THREAD_SECONDS
+                while not self._woken:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._parking:
+                        self._idle -= 1
+                        return
+                    self._woken_lock.wait(remaining)
+                self._idle -= 1
+                connection, client_address = self._woken.popleft()
 
     def _wake(self):
         try:
@@ -1168,10 +1209,7 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
                     continue
                 selector.unregister(key.fileobj)
                 client_address, _ = parked.pop(key.fileobj)
-                try:  # threading.Thread.start() would wait here for the thread to run
-                    _thread.start_new_thread(self.serve_connection, (key.fileobj, client_address))
-                except RuntimeError:  # no thread to be had: drop the connection, not the loop
-                    self.shutdown_request(key.fileobj)
+                self._serve_woken(key.fileobj, client_address)
             with self._park_lock:
                 arrived, self._to_park, running = self._to_park, [], self._parking
             now = time.monotonic()
