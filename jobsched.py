@@ -6027,8 +6027,8 @@ class _Follower:
             if ahead and ahead[0].offset == self.offset:
                 try:
                     reply = ahead.popleft().result()
-                except JobschedError:
-                    pass  # asked again below, where failures are retried and reported
+                except Exception:  # a fault, an odd reply: asked again below, where failures
+                    pass           # are retried and reported
             if reply is None:
                 ahead.clear()  # asked for offsets that are not next (their threads just end)
                 reply = self.call(self.client.output, self.job_id, self.offset, MAX_OUTPUT_CHUNK,
@@ -6037,10 +6037,13 @@ class _Follower:
                 # Two chunks in flight: one being decoded here while the next is encoded there.
                 # One bare call each, without waiting for bytes not written yet: only this
                 # thread retries and speaks to the user.
-                while len(ahead) < 2:
-                    ahead.append(_CallAhead(self.client.output, self.job_id,
-                                            reply["offset"] + len(ahead) * MAX_OUTPUT_CHUNK,
-                                            MAX_OUTPUT_CHUNK, 0))
+                try:
+                    while len(ahead) < 2:
+                        ahead.append(_CallAhead(self.client.output, self.job_id,
+                                                reply["offset"] + len(ahead) * MAX_OUTPUT_CHUNK,
+                                                MAX_OUTPUT_CHUNK, 0))
+                except RuntimeError:
+                    pass  # no thread to be had: the chunks are asked for one by one
             else:
                 ahead.clear()
             out.write(reply["data"])
@@ -6828,28 +6831,40 @@ def build_parser():
     return parser
 
 
-#: what a scheduler or worker run as a script executes itself again as: this file, by runpy
-_RERUN = "import runpy, sys; sys.argv[0] = sys.argv.pop(1); " \
+#: what a scheduler or worker run as a script executes itself again as: this file, by runpy,
+#: with the script's directory first on sys.path where -c put the working directory
+_RERUN = "import os, runpy, sys; sys.argv[0] = sys.argv.pop(1); " \
+         "sys.path[:1] = [os.path.dirname(os.path.realpath(sys.argv[0]))] " \
+         "if sys.path[:1] == [''] else sys.path[:1]; " \
          "sys.exit(runpy.run_path(sys.argv[0], run_name='jobsched')['main']())"
 
 
 def _rerun_without_the_scripts_syntax_tree(argv):
     """Python 3.9 and later keep the syntax tree of the script they run until it ends: 15 MB
-    of this file's, for the life of a scheduler or worker. Run as a script, the roles execute
-    themselves again (same pid, interpreter, flags, arguments and environment) with this file
-    compiled by runpy, which frees the tree at once. Returns only if that cannot be done."""
-    if __name__ != "__main__" or sys.version_info < (3, 9) or not sys.executable:
+    of this file's, for the life of a scheduler or worker. Run as a script (``python3 [OPTIONS]
+    jobsched.py ARGS``) on Python 3.10 or later, the roles execute themselves again, with the
+    same pid, the interpreter's command line up to the script (sys.orig_argv: every option
+    kept), the same arguments and environment, and this file compiled by runpy, which frees the
+    tree at once. Returns if that cannot be done; the role then runs as it is."""
+    if __name__ != "__main__" or argv is not None or not hasattr(sys, "orig_argv") \
+            or not sys.executable:
         return
-    path = os.path.abspath(__file__)
-    if not os.path.isfile(path):
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
+    path, script_argv = os.path.abspath(__file__), list(sys.argv)
+    options = len(sys.orig_argv) - len(script_argv)
+    if options < 1 or sys.orig_argv[options:] != script_argv or not os.path.isfile(path):
+        return  # -m, -c, stdin, or an argv changed since: not the plain script case
+    _flush_std()
     try:
-        os.execv(sys.executable, [sys.executable] + subprocess._args_from_interpreter_flags()
-                 + ["-c", _RERUN, path] + list(sys.argv[1:] if argv is None else argv))
+        os.execv(sys.executable, sys.orig_argv[:options] + ["-c", _RERUN, path] + script_argv[1:])
     except OSError:
         pass  # run on as we are, with the larger memory
+
+
+def _flush_std():
+    """Flush stdout and stderr, either of which may be None (started with it closed)."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
 
 
 def main(argv=None):
@@ -6864,7 +6879,7 @@ def main(argv=None):
         _configure_logging("error")
     try:
         status = args.func(args)
-        sys.stdout.flush()  # here, where a closed stdout is caught, rather than at exit
+        _flush_std()  # here, where a closed stdout's reader is caught, rather than at exit
         return status
     except ConfigError as e:
         print("jobsched: error: %s" % e, file=sys.stderr)

@@ -1449,10 +1449,32 @@ class ProcessTest(ClusterTestCase):
             return  # macOS: the behaviour above is what counts
         with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
             argv = f.read().split(b"\0")[:-1]
-        rerun = sys.version_info >= (3, 9)  # 3.6 to 3.8 free the tree after compiling
+        rerun = sys.version_info >= (3, 10)  # 3.6 to 3.8 free the tree; 3.9 has no orig_argv
         self.assertEqual(b"-c" in argv, rerun, argv)  # same pid: the process executed itself
         self.assertEqual(argv[argv.index(os.path.abspath(JOBSCHED).encode()):][1:3] if rerun
                          else argv[2:4], [b"worker", b"--listen"])
+        proc.terminate()
+        self.assertEqual(proc.wait(timeout=20), 0)
+
+    def test_a_role_run_as_a_script_keeps_its_options_path_and_a_closed_stdout(self):
+        cwd = self.tempdir()  # a module here must not shadow the standard library's
+        marker = os.path.join(cwd, "shadowed")
+        with open(os.path.join(cwd, "shlex.py"), "w") as f:
+            f.write("open(%r, 'w').close()\nraise SystemExit(9)\n" % marker)
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-u", "-W", "ignore::DeprecationWarning", JOBSCHED, "scheduler",
+             "--listen", "127.0.0.1:%d" % port, "--state-dir", os.path.join(cwd, "state")],
+            cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, preexec_fn=lambda: os.close(1))  # stdout closed
+        self.addCleanup(lambda: proc.poll() is not None or (proc.kill(), proc.wait()))
+        client = self.client("127.0.0.1:%d" % port)
+        wait_until(lambda: fault_of(client.info) is None, message="the scheduler to listen")
+        self.assertFalse(os.path.exists(marker))
+        if sys.version_info >= (3, 10) and os.path.exists("/proc/%d/cmdline" % proc.pid):
+            with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+            self.assertEqual(argv[1:5], [b"-u", b"-W", b"ignore::DeprecationWarning", b"-c"])
         proc.terminate()
         self.assertEqual(proc.wait(timeout=20), 0)
 
