@@ -5854,8 +5854,8 @@ def _resolve(client, text, kind, listing=None):
 
 
 class _LogFormatter(logging.Formatter):
-    """"asctime levelname message", the time formatted once a second: strftime for each line
-    cost a worker a tenth of a job start's CPU (it logs each start and each end)."""
+    """"asctime levelname message", the time formatted once a second (a worker logs each job's
+    start and end: logging was about a tenth of its CPU per job)."""
     _second = (None, "")
 
     def formatTime(self, record, datefmt=None):
