@@ -2456,24 +2456,11 @@ class FollowAcrossRestartTest(ClusterTestCase):
         self.assertLessEqual(err.count(b"reconnected"), 1, err)
         self.assertNotIn(b"Traceback", err)
 
-    def test_run_survives_a_scheduler_restart_and_exits_with_the_jobs_status(self):
+    def run_across_a_scheduler_restart(self, *args):
+        """`jobsched ARGS -- gated job` with the scheduler killed and restarted while the job
+        waits; checks exit status 7, every byte once, no traceback. Returns (gate, stderr)."""
         gate, argv = self.gated_job_argv()
-        proc = popen_jobsched(self, ["run", "--"] + argv, env=self.env)
-        seen = read_until(proc, b"waiting\n")
-        self.kill_scheduler()
-        self.restart_scheduler()
-        open(gate, "w").close()
-        out, err = proc.communicate(timeout=60)
-        self.assertEqual(proc.returncode, 7, err)
-        self.assertEqual(seen + out, gated_output(200, 20000))
-        (job,) = self.job_of(gate)
-        self.assertIn(("jobsched: job %s on %s (%s)\n" % (job["job_id"], self.w.worker_id,
-                                                          socket.gethostname())).encode(), err)
-        self.assertNotIn(b"Traceback", err)
-
-    def test_run_all_survives_a_scheduler_restart(self):
-        gate, argv = self.gated_job_argv()
-        proc = popen_jobsched(self, ["run", "--all", "--no-prefix", "--"] + argv, env=self.env)
+        proc = popen_jobsched(self, list(args) + ["--"] + argv, env=self.env)
         seen = read_until(proc, b"waiting\n")
         self.kill_scheduler()
         self.restart_scheduler()
@@ -2482,6 +2469,16 @@ class FollowAcrossRestartTest(ClusterTestCase):
         self.assertEqual(proc.returncode, 7, err)
         self.assertEqual(seen + out, gated_output(200, 20000))  # nothing lost, nothing twice
         self.assertNotIn(b"Traceback", err)
+        return gate, err
+
+    def test_run_survives_a_scheduler_restart_and_exits_with_the_jobs_status(self):
+        gate, err = self.run_across_a_scheduler_restart("run")
+        (job,) = self.job_of(gate)
+        self.assertIn(("jobsched: job %s on %s (%s)\n" % (job["job_id"], self.w.worker_id,
+                                                          socket.gethostname())).encode(), err)
+
+    def test_run_all_survives_a_scheduler_restart(self):
+        self.run_across_a_scheduler_restart("run", "--all", "--no-prefix")
 
     def test_run_gives_up_after_reconnect_seconds_and_says_how_to_resume(self):
         gate, argv = self.gated_job_argv(first=50, second=10)
@@ -4887,14 +4884,19 @@ class FanOutTest(ClusterTestCase):
             self.assertEqual(len(err.decode().strip().splitlines()), 1, (args, err))
         self.assertEqual(client.jobs(), [])
 
-    def test_run_all_ctrl_c_stops_every_job(self):
-        scheduler, workers, client = self.labelled_cluster()
-        marker = uuid.uuid4().hex
+    def run_all_started(self, marker):
+        """`jobsched run --all` of wait.sh (marked with marker), once its 3 jobs have started."""
         proc = popen_jobsched(self, ("run", "--all", "--path", "wait.sh", "--", "sh", marker),
                               env=dict(os.environ, **self.env))
         seen = b""
         while seen.count(b"started\n") < 3:
             seen += read_until(proc, b"started\n")
+        return proc
+
+    def test_run_all_ctrl_c_stops_every_job(self):
+        scheduler, workers, client = self.labelled_cluster()
+        marker = uuid.uuid4().hex
+        proc = self.run_all_started(marker)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         self.assertEqual(proc.returncode, 128 + 15, err)
@@ -4910,11 +4912,7 @@ class FanOutTest(ClusterTestCase):
         scheduler, workers, client = self.labelled_cluster()
         for signum in (signal.SIGTERM, signal.SIGHUP):
             marker = uuid.uuid4().hex
-            proc = popen_jobsched(self, ("run", "--all", "--path", "wait.sh", "--", "sh", marker),
-                                  env=dict(os.environ, **self.env))
-            seen = b""
-            while seen.count(b"started\n") < 3:
-                seen += read_until(proc, b"started\n")
+            proc = self.run_all_started(marker)
             proc.send_signal(signum)
             out, err = proc.communicate(timeout=30)
             self.assertEqual(proc.returncode, 128 + signum, err)
