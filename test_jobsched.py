@@ -1444,7 +1444,9 @@ class ProcessTest(ClusterTestCase):
         self.assertEqual(client.info()["labels"]["k"], "v w")
         job_id = client.start("true", "")
         self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
-        self.assertTrue(os.path.exists(os.path.join(state_dir, job_id + ".json")))
+        # The record is written just after the job is seen to end.
+        wait_until(lambda: os.path.exists(os.path.join(state_dir, job_id + ".json")),
+                   message="the job's record in the state dir given")
         if not os.path.exists("/proc/%d/cmdline" % proc.pid):
             return  # macOS: the behaviour above is what counts
         with open("/proc/%d/cmdline" % proc.pid, "rb") as f:
