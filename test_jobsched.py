@@ -946,14 +946,18 @@ class WorkerStateDirTest(ClusterTestCase):
         self.addCleanup(setattr, jobsched, "JOURNAL_LIMIT", jobsched.JOURNAL_LIMIT)
         jobsched.JOURNAL_LIMIT = 1  # rewrite before every start
         state_dir = self.tempdir()
-        c = self.client(self.worker(None, state_dir=state_dir))
+        worker = self.worker(None, state_dir=state_dir)
+        c = self.client(worker)
         running = c.start("sleep", "", {"args": ["300"]})
         self.addCleanup(c.stop, running)
         finished = [c.start("sh", "", sh_args("exit %d" % n)) for n in (0, 3)]
         for job_id in finished:
             self.wait_done(c, job_id)
-        wait_until(lambda: all(os.path.exists(os.path.join(state_dir, job_id + ".json"))
-                               for job_id in finished), message="the records of the ended jobs")
+        # A record counts once its file is written and its journal line let go (just after).
+        def recorded():
+            with worker.state.lock:
+                return set(finished) <= set(worker.state._finished)
+        wait_until(recorded, message="the records of the ended jobs")
         last = c.start("true", "")  # its rewrite drops the lines of the jobs that have ended
         self.wait_done(c, last)
         records = [os.path.join(state_dir, job_id + ".json") for job_id in finished + [last]]
