@@ -15,6 +15,7 @@ License: MIT (see LICENSE).
 """
 
 import argparse
+import array
 import base64
 import binascii
 import bisect
@@ -85,6 +86,7 @@ MAX_WAIT_SECONDS = 60.0       # the longest an output() long-poll may wait
 FOLLOW_POLL_SECONDS = 0.02    # how often a waiting output() looks at the file again
 MISSED_HEARTBEATS = 3         # a worker silent this many intervals is offline
 JOB_INDEX_LIMIT = 1000000     # job ids the scheduler remembers; older ones are asked for
+JOB_INDEX_SEGMENT = 16384     # the newest job ids it keeps as strings, before packing them
 JOURNAL_LIMIT = 4 * MiB       # a worker's journal of started jobs is rewritten past this size
 EARLY_HEARTBEAT_GAP = 0.1     # the least time between two heartbeats of a worker
 FAN_OUT_THREADS = 64          # the most threads a start_all calls workers from
@@ -385,6 +387,14 @@ def want_timeout(value, name="timeout"):
     if seconds > MAX_JOB_TIMEOUT:
         raise BadRequest("%s must be at most %d seconds" % (name, MAX_JOB_TIMEOUT))
     return seconds
+
+
+_UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+
+def _uuid_int(text):
+    """The UUID that text is in canonical form (as str(uuid.UUID(...))) as an int, else None."""
+    return int(text.replace("-", ""), 16) if _UUID_TEXT.match(text) else None
 
 
 def want_job_id(value, name="job_id"):
@@ -4077,6 +4087,79 @@ class JobQueue:
         return job
 
 
+# -- the index of placed jobs -----------------------------------------------------------------
+
+class JobIndex:
+    """Which worker each job was placed on, for about the newest JOB_INDEX_LIMIT job ids. In
+    memory only: after a restart, a job the scheduler does not know is asked of the online
+    workers, and their answers fill the index again.
+
+    The newest JOB_INDEX_SEGMENT ids are a dict of strings. Then they are packed into a segment:
+    sorted arrays of the two 64-bit halves of each UUID and of the worker's number, 20 bytes a
+    job instead of about 150 as a string in a dict. (An id that is not a UUID in canonical form,
+    which only a worker of another make could list, stays a string in the segment's dict.) A
+    lookup tries the dict, then the segments newest first; past the limit, the oldest segment
+    is dropped whole. Not thread-safe: the scheduler calls it under its workers_lock."""
+
+    def __init__(self):
+        self._newest = {}          # job_id -> worker number
+        self._segments = deque()   # (highs, lows, numbers, others), oldest first
+        self._packed = 0           # ids in the segments
+        self._numbers = {}         # worker_id -> its number, for as long as the scheduler runs
+        self._worker_ids = []      # number -> worker_id
+
+    def __len__(self):
+        return len(self._newest) + self._packed
+
+    def add(self, job_id, worker_id):
+        number = self._numbers.get(worker_id)
+        if number is None:
+            number = self._numbers[worker_id] = len(self._worker_ids)
+            self._worker_ids.append(worker_id)
+        self._newest[job_id] = number  # a segment's older entry for the id no longer counts
+        if len(self._newest) >= JOB_INDEX_SEGMENT:
+            self._pack()
+
+    def get(self, job_id, default=None):
+        number = self._newest.get(job_id)
+        if number is None:
+            number = self._find(job_id)
+        return default if number is None else self._worker_ids[number]
+
+    def _find(self, job_id):
+        n = _uuid_int(job_id)
+        for highs, lows, numbers, others in reversed(self._segments):
+            if n is None:
+                if job_id in others:
+                    return others[job_id]
+                continue
+            high, low = n >> 64, n & 0xFFFFFFFFFFFFFFFF
+            i = bisect.bisect_left(highs, high)
+            while i < len(highs) and highs[i] == high:
+                if lows[i] == low:
+                    return numbers[i]
+                i += 1
+        return None
+
+    def _pack(self):
+        pairs, others = [], {}
+        for job_id, number in self._newest.items():
+            n = _uuid_int(job_id)
+            if n is None:
+                others[job_id] = number
+            else:
+                pairs.append((n, number))
+        pairs.sort()
+        self._segments.append((array.array("Q", [n >> 64 for n, _ in pairs]),
+                               array.array("Q", [n & 0xFFFFFFFFFFFFFFFF for n, _ in pairs]),
+                               array.array("I", [number for _, number in pairs]), others))
+        self._packed += len(self._newest)
+        self._newest = {}
+        while len(self) > JOB_INDEX_LIMIT and self._segments:
+            highs, _, _, others = self._segments.popleft()
+            self._packed -= len(highs) + len(others)
+
+
 class Scheduler(_Role):
     """The cluster's front door: a registry of workers, a router for their jobs, and a queue.
 
@@ -4093,11 +4176,9 @@ class Scheduler(_Role):
         self.security = security or Security(token, tls_cert, tls_key, tls_ca, insecure)
         self.rpc_timeout = rpc_timeout
         self.workers_lock = threading.Lock()
-        #: guards self._workers, self._job_index, self._job_order, self._round_robin and every
-        #: WorkerRecord
+        #: guards self._workers, self._job_index, self._round_robin and every WorkerRecord
         self._workers = {}     # worker_id -> WorkerRecord, in registration order
-        self._job_index = {}   # job_id -> worker_id
-        self._job_order = deque()  # the ids in self._job_index, oldest first
+        self._job_index = JobIndex()
         self._round_robin = 0
         self._closed = threading.Event()
         self.metrics = Metrics()
@@ -4313,11 +4394,7 @@ class Scheduler(_Role):
         """Index (job_id, worker_id) pairs, forgetting the oldest past JOB_INDEX_LIMIT."""
         with self.workers_lock:
             for job_id, worker_id in pairs:
-                if job_id not in self._job_index:
-                    self._job_order.append(job_id)
-                self._job_index[job_id] = worker_id
-            while len(self._job_order) > JOB_INDEX_LIMIT:
-                del self._job_index[self._job_order.popleft()]
+                self._job_index.add(job_id, worker_id)
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -5830,10 +5907,7 @@ def _stdout_closed():
 
 
 def _is_uuid(text):
-    try:
-        return str(uuid.UUID(text)) == text
-    except ValueError:
-        return False
+    return _uuid_int(text) is not None
 
 
 def _offline_workers(workers):

@@ -1010,6 +1010,38 @@ class WorkerStateDirTest(ClusterTestCase):
 
 class SchedulerTest(ClusterTestCase):
 
+    def test_job_index_packs_ids_keeps_the_newest_and_forgets_the_oldest(self):
+        for name, value in (("JOB_INDEX_SEGMENT", 4), ("JOB_INDEX_LIMIT", 12)):
+            self.addCleanup(setattr, jobsched, name, getattr(jobsched, name))
+            setattr(jobsched, name, value)
+        index = jobsched.JobIndex()
+        ids = [str(uuid.uuid4()) for _ in range(13)]
+        for n, job_id in enumerate(ids):
+            index.add(job_id, "worker-%d" % (n % 3))
+        index.add("NOT-A-UUID", "worker-x")   # kept as a string, packed all the same
+        index.add(ids[5], "worker-moved")      # the newest entry for an id wins
+        self.assertEqual(len(index._segments), 3)  # 3 x 4 ids; 3 in the dict
+        self.assertEqual(len(index), 15)
+        self.assertEqual([index.get(job_id) for job_id in ids],
+                         ["worker-%d" % (n % 3) if n != 5 else "worker-moved" for n in range(13)])
+        self.assertEqual(index.get("NOT-A-UUID"), "worker-x")
+        self.assertEqual(index.get(ids[4].upper(), "?"), "?")  # ids are looked up as given
+        for _ in range(4):
+            index.add(str(uuid.uuid4()), "worker-0")  # packs a 4th segment: 16 > 12 drops the 1st
+        self.assertEqual((len(index._segments), len(index)), (3, 15))
+        self.assertEqual([index.get(job_id) for job_id in ids[:4]], [None] * 4)
+        self.assertEqual(index.get(ids[5]), "worker-moved")
+        self.assertEqual(index.get(str(uuid.uuid4()), "unknown"), "unknown")
+        # A scheduler still knows where a packed job was placed: another worker is refused.
+        jobsched.JOB_INDEX_SEGMENT = 2
+        scheduler, (a, b), c = self.cluster(2)
+        placed = [c.start(a.worker_id, "true", "") for _ in range(3)]
+        for job_id in placed:
+            with self.assertRaises(jobsched.BadRequest) as caught:
+                c.start(b.worker_id, "true", "", {"job_id": job_id})
+            self.assertIn("was placed on worker %s" % a.worker_id, str(caught.exception))
+            self.assertEqual(c.query(job_id)["worker_id"], a.worker_id)
+
     def test_workers_listing_and_routing(self):
         scheduler, (w,), c = self.cluster(1)
         (listed,) = c.workers()
@@ -4740,7 +4772,7 @@ class FanOutTest(ClusterTestCase):
         self.assertEqual(len({e["job_id"] for e in started}), 2)
         for entry in started:
             self.assertEqual(set(entry), {"worker_id", "hostname", "job_id"})
-            self.assertEqual(scheduler._job_index[entry["job_id"]], entry["worker_id"])
+            self.assertEqual(scheduler._job_index.get(entry["job_id"]), entry["worker_id"])
             job = self.wait_done(client, entry["job_id"])
             self.assertEqual((job["worker_id"], job["state"]), (entry["worker_id"], "succeeded"))
             self.assertEqual(client.output(entry["job_id"])["data"], b"x\n")
@@ -4871,7 +4903,7 @@ class FanOutTest(ClusterTestCase):
         self.assertEqual((entry["worker_id"], entry["hostname"]), (ghost, "ghost"))
         self.assertIn("outcome unknown: job %s may have started on worker %s" % (entry["job_id"], ghost),
                       entry["error"])
-        self.assertEqual(scheduler._job_index[entry["job_id"]], ghost)
+        self.assertEqual(scheduler._job_index.get(entry["job_id"]), ghost)
         status, out, err = self.run_all_at_once(("--on", "rack=*", "--path", "out.sh", "--", "sh"))[0]
         self.assertEqual(status, 255, err)
         self.assertEqual(len(out.splitlines()), 6)

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import xmlrpc.client
 import xmlrpc.server
 
@@ -514,9 +515,10 @@ def stop_all(address, job_ids, threads_n=8):
 
 def teach_known_jobs(address, client, n):
     """Make the scheduler learn n job ids the honest way: a worker (a small XML-RPC server here)
-    whose jobs() lists n jobs, and one scheduler jobs() call. Returns the jobs it listed."""
+    whose jobs() lists n jobs, and one scheduler jobs() call. Returns the jobs it listed.
+    Their ids are UUIDs, as every worker makes them."""
     worker_id = "bench-fake-jobs"
-    jobs = [{"job_id": "bench-job-%08d" % i, "worker_id": worker_id, "command": "true",
+    jobs = [{"job_id": str(uuid.uuid4()), "worker_id": worker_id, "command": "true",
              "path": "", "args": [], "state": "succeeded", "done": True, "error": False,
              "error_text": "", "exit_code": 0, "started_at": 0.0} for i in range(n)]
     server = jobsched.RPCServer("127.0.0.1:0", jobsched.Security(), {"jobs": lambda: jobs})
