@@ -2727,8 +2727,10 @@ class Worker(_Role):
         self._beat_now.set()
         self._ended_jobs.put(None)
         if self._registered:  # here, not in the heartbeat thread: it may be stuck in a call
-            # Briefly: a scheduler that does not answer sees the worker offline soon anyway.
-            scheduler = RPCClient(self.scheduler, security=self.security, timeout=0.25)
+            # Briefly (a scheduler that does not answer sees the worker offline after three
+            # missed heartbeats), but long enough for a busy one, and for a TLS handshake.
+            scheduler = RPCClient(self.scheduler, security=self.security,
+                                  timeout=min(2.0, self.rpc_timeout))
             try:
                 scheduler.call("deregister", self.worker_id)
             except JobschedError as e:

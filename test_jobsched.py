@@ -367,6 +367,9 @@ class ResilienceTest(ClusterTestCase):
         running = client.start(worker_id, "sh", "", {
             "args": ["-c", "echo started; sleep 60 & echo $!; wait"]})
         self.wait_done(client, finished)
+        # killed before its record is written, the ended job would come back lost
+        wait_until(lambda: os.path.exists(os.path.join(state_dir, finished + ".json")),
+                   message="the finished job's record")
         lines = wait_until(lambda: (lambda lines: len(lines) == 2 and lines)(
             self.output_of(client, running).split()), message="the job's two lines")
         leader, grandchild = client.query(running)["pid"], int(lines[1])
@@ -509,8 +512,11 @@ class ResilienceTest(ClusterTestCase):
             self.assertEqual(worker.query(job_id)["state"], "succeeded")
             self.assertEqual(self.output_of(worker, job_id), b"job %d\n" % i)
         self.assertIs(type(fault_of(self.output_of, worker, ids[0])), jobsched.NotFound)
-        files = {name for name in os.listdir(state_dir) if name.endswith((".json", ".out"))}
-        self.assertEqual(files, {j + ext for j in ids[2:] for ext in (".json", ".out")})
+        expected = {j + ext for j in ids[2:] for ext in (".json", ".out")}
+        # retention forgets a job first, then removes its output, then its record
+        wait_until(lambda: {name for name in os.listdir(state_dir)
+                            if name.endswith((".json", ".out"))} == expected,
+                   message="the files of the expired jobs to go")
         self.assertEqual([j["job_id"] for j in worker.jobs()], ids[2:])
 
     def test_full_disk_fails_start_cleanly_and_worker_keeps_serving(self):
@@ -836,7 +842,11 @@ class WorkerRPCTest(ClusterTestCase):
         wait_until(lambda: not pid_alive(grandchild), message="grandchild to die")
 
     def test_cannot_start_is_fault_2_without_files(self):
-        before, jobs_before = job_files(self.state_dir), self.c.jobs()
+        jobs_before = self.c.jobs()
+        # An ended job's record is written just after its end is seen (earlier tests' jobs).
+        wait_until(lambda: all(os.path.exists(os.path.join(self.state_dir, j["job_id"] + ".json"))
+                               for j in jobs_before if j["done"]), message="earlier records")
+        before = job_files(self.state_dir)
         plain = os.path.join(self.tempdir(), "not-executable")
         with open(plain, "w") as f:
             f.write("#!/bin/sh\necho hi\n")
@@ -2638,6 +2648,7 @@ class ClientMessagesTest(ClusterTestCase):
         self.assertEqual(self.cli_error("start", "--", "true", env=env),
                          "jobsched: error: no worker has a free slot (1 online, all 1 slots busy)")
         w.close()
+        wait_until(lambda: not c.workers()[0]["online"], timeout=100, message="worker offline")
         self.assertEqual(self.cli_error("start", "--", "true", env=env),
                          "jobsched: error: no worker is online (1 registered, 0 online)")
 
@@ -3346,6 +3357,8 @@ class StatusPageTest(ClusterTestCase):
         self.addCleanup(fault_of, client.stop, running)
         self.wait_done(client, ok)
         self.wait_done(client, failed)
+        wait_until(lambda: scheduler.queue.knows(ok) and scheduler.queue.knows(failed),
+                   message="the scheduler to learn of the ends")
         wait_until(lambda: client.workers()[0]["running"] == 1, message="a heartbeat")
         status, headers, page = fetch_text(scheduler.address, "/")
         self.assertEqual((status, headers["Content-Type"]), (200, "text/html; charset=utf-8"))
@@ -3461,11 +3474,14 @@ class StatusCommandTest(ClusterTestCase):
 
     def test_one_screen_and_json(self):
         scheduler, workers, client = self.cluster(2)
-        self.wait_done(client, client.start("", "true", ""))
-        self.wait_done(client, client.start("", "false", ""))
-        self.wait_done(client, client.start("", "sh", "", sh_args("exit 2")))
+        ended = [self.wait_done(client, client.start("", *argv))["job_id"] for argv in (
+            ("true", ""), ("false", ""), ("sh", "", sh_args("exit 2")))]
         running = client.start("", "sleep", "", {"args": ["30"]})
         self.addCleanup(fault_of, client.stop, running)
+        # A worker's end report, processed after a heartbeat that counted the end, would take
+        # one off the running count again: wait for the reports first.
+        wait_until(lambda: all(scheduler.queue.knows(j) for j in ended),
+                   message="the scheduler to learn of the ends")
         wait_until(lambda: sum(w["running"] for w in client.workers()) == 1,
                    message="heartbeats to report the running job")
         proc = self.cli("status", "--scheduler", scheduler.address)
@@ -3997,8 +4013,11 @@ class WorkerHardeningTest(ClusterTestCase):
         for _ in range(2):  # more recorded jobs than --keep-jobs, and journal rewrites
             self.wait_done(client, client.start("true", ""))
         self.assertTrue(os.path.exists(os.path.join(state_dir, job_id + ".out")))
-        with open(os.path.join(state_dir, "journal"), "rb") as f:
-            self.assertIn(job_id, [json.loads(line.decode())["job_id"] for line in f])
+        def final_line():  # appended by the waiter when the record fails, just after the end
+            with open(os.path.join(state_dir, "journal"), "rb") as f:
+                return any(record["job_id"] == job_id and record.get("exit_code") == 3
+                           for record in map(json.loads, f))
+        wait_until(final_line, message="the job's final line in the journal")
         self.assertEqual(client.query(job_id)["exit_code"], 3)
         # A crash now, then a restart with room on the disk again: the job is as it ended.
         # (Retention may still be removing the files of the `true` jobs: a file gone during the
@@ -4016,7 +4035,12 @@ class WorkerHardeningTest(ClusterTestCase):
         self.assertEqual((job["state"], job["exit_code"]), ("failed", 3))
         self.assertEqual(restarted.output(job_id)["data"], b"kept\n")
         self.assertTrue(os.path.exists(os.path.join(crashed, job_id + ".json")))
-        # And the worker itself writes it at shutdown.
+        # And the worker itself writes it at shutdown (once the other jobs' waiters, whose
+        # records retry this one first, are done: a record written then is expired at once).
+        def others_recorded():
+            with worker.state.lock:
+                return set(worker.state._unrecorded) == {job_id}
+        wait_until(others_recorded, message="the other jobs' records")
         os.rmdir(blocker)
         worker.close()
         with open(os.path.join(state_dir, job_id + ".json")) as f:
@@ -5087,7 +5111,10 @@ class QueueTest(ClusterTestCase):
                          ("queued", w1.worker_id, "waiting for a free slot"))
         release()
         self.assertEqual(self.wait_done(client, pinned)["worker_id"], w1.worker_id)
-        w2.close()  # deregisters: offline
+        w2.close()  # deregisters: offline (or, if that call fails, after 3 heartbeats)
+        wait_until(lambda: not [x for x in client.workers()
+                                if x["worker_id"] == w2.worker_id and x["online"]],
+                   message="worker 2 offline")
         (offline,) = client.submit([append_job(out, "offline", worker_id=w2.worker_id)])
         self.assertEqual(client.query(offline)["reason"], "waiting for worker %s (offline)" % w2.worker_id)
         error = fault_of(client.submit, [{"command": "true", "worker_id": "no-such-worker"}])
@@ -5313,6 +5340,8 @@ class QueueProcessTest(ClusterTestCase):
         self.assertEqual((job["state"], job["error_text"]),
                          ("lost", "lost: the worker restarted while the job was running"))
         self.assertEqual(self.wait_done(client, short_job)["state"], "succeeded")
+        # done as its worker says: the scheduler's queue learns it from the end report, just after
+        wait_until(lambda: client.wait([short_job], 5), message="the queue to learn the end")
         self.assertEqual(client.wait([long_job, short_job], 1),
                          [{"job_id": long_job, "state": "lost"}, {"job_id": short_job, "state": "succeeded"}])
 
