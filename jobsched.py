@@ -2463,11 +2463,12 @@ class Worker(_Role):
         # No credential reaches a job: none of the worker's JOBSCHED_* variables are passed on.
         self._base_env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSCHED_")}
         self.jobs_lock = threading.Lock()
-        #: guards self._jobs, self._starting, self._running, self._closing and every Job's
-        #: state, exited and stop_reason
+        #: guards self._jobs, self._starting, self._running, self._unreported, self._closing
+        #: and every Job's state, exited and stop_reason
         self._job_changed = threading.Condition(self.jobs_lock)  # notified when a job ends
         self._jobs = {}
         self._running = 0
+        self._unreported = 0  # ended jobs whose end the scheduler has not acknowledged yet
         self._starting = set()  # job ids being spawned: a second start of one waits for the first
         self._closing = False
         self._closed = threading.Event()
@@ -2597,8 +2598,14 @@ class Worker(_Role):
 
     def info(self):
         """This worker's struct."""
+        return self._info(unreported=False)
+
+    def _info(self, unreported):
+        """info(); for a heartbeat (unreported true), ``running`` also counts the
+        ended jobs whose end report the scheduler has not answered yet: it takes one off per
+        reported end, whether the report comes before or after the heartbeat."""
         with self.jobs_lock:
-            running = self._running
+            running = self._running + (self._unreported if unreported else 0)
         return {
             "worker_id": self.worker_id, "address": self.advertise, "online": True,
             "slots": self.slots, "running": running, "last_seen": time.time(),
@@ -2625,9 +2632,9 @@ class Worker(_Role):
             last_beat = time.monotonic()
             try:
                 if registered:
-                    scheduler.call("heartbeat", self.worker_id, self.info())
+                    scheduler.call("heartbeat", self.worker_id, self._info(unreported=True))
                 else:
-                    scheduler.call("register", self.advertise, self.info())
+                    scheduler.call("register", self.advertise, self._info(unreported=True))
                     log.info("registered with scheduler %s as %s", scheduler.address, self.worker_id)
                     registered = True
                 failures, delay = 0, self.heartbeat
@@ -2685,15 +2692,20 @@ class Worker(_Role):
                 time.sleep(pause)
                 stopping = self._take_ended(pending, block=False)
             sent_at = time.monotonic()
-            while len(pending) > JOB_END_BACKLOG:
+            dropped = max(0, len(pending) - JOB_END_BACKLOG)
+            for _ in range(dropped):
                 pending.popleft()
             batch = [pending[i] for i in range(min(len(pending), 200))]
             try:
                 with self.jobs_lock:
+                    self._unreported -= dropped
+                    dropped = 0
                     structs = [job.to_struct() for job in batch]
                 scheduler.call("job_ended", self.worker_id,
                                [{key: struct[key] for key in JOB_END_KEYS if key in struct}
                                 for struct in structs])
+                with self.jobs_lock:
+                    self._unreported -= len(batch)
                 for _ in batch:
                     pending.popleft()
                 failures = 0
@@ -2898,6 +2910,7 @@ class Worker(_Role):
                 job.signal = -returncode
             job.state = job.stop_reason or ("succeeded" if returncode == 0 else "failed")
             self._running -= 1
+            self._unreported += bool(self.scheduler)  # until _report_loop has told it
             # Under jobs_lock, so that a scrape sees these bytes in the counter or in the job.
             self.metrics.job_ended(job.state, job.finished_at - job.started_at, output_bytes)
             self._job_changed.notify_all()

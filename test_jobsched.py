@@ -1020,6 +1020,27 @@ class WorkerStateDirTest(ClusterTestCase):
 
 class SchedulerTest(ClusterTestCase):
 
+    def test_a_late_end_report_does_not_take_a_running_job_off_the_count(self):
+        class SlowReports(jobsched.Scheduler):
+            def job_ended(self, worker_id, jobs):
+                time.sleep(0.6)  # heartbeats sent after the end arrive first
+                return super().job_ended(worker_id, jobs)
+        scheduler = SlowReports("127.0.0.1:0", rpc_timeout=5.0).start_serving()
+        self.addCleanup(scheduler.close)
+        self.worker(scheduler)
+        c = self.client(scheduler)
+        wait_until(lambda: c.workers(), message="the worker to register")
+        running = c.start("", "sleep", "", {"args": ["30"]})
+        self.addCleanup(c.stop, running)
+        self.wait_done(c, c.start("", "true", ""))
+        counts = []
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # through the report, and heartbeats on either side
+            counts.append(c.workers()[0]["running"])
+            time.sleep(0.01)
+        self.assertNotIn(0, counts)
+        self.assertEqual(counts[-1], 1)
+
     def test_job_index_packs_ids_keeps_the_newest_and_forgets_the_oldest(self):
         for name, value in (("JOB_INDEX_SEGMENT", 4), ("JOB_INDEX_LIMIT", 12)):
             self.addCleanup(setattr, jobsched, name, getattr(jobsched, name))
