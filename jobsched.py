@@ -2472,7 +2472,10 @@ class Worker(_Role):
         self._starting = set()  # job ids being spawned: a second start of one waits for the first
         self._closing = False
         self._closed = threading.Event()
-        self._beat_now = threading.Event()  # set when a job ends, and by close()
+        self._beat_now = threading.Event()  # set by close(), and after an end report (below)
+        # Heartbeats begun and answered (or failed): one not answered before an end report was
+        # sent may reach the scheduler after it, counting those jobs again; another follows.
+        self._beats = self._beats_answered = 0  # written by the heartbeat thread only
         self._ended_jobs = queue.Queue()  # ended Jobs for the reporter thread; None stops it
         self._registered = False  # written by the heartbeat thread only
         self.metrics = Metrics()
@@ -2632,9 +2635,9 @@ class Worker(_Role):
             last_beat = time.monotonic()
             try:
                 if registered:
-                    scheduler.call("heartbeat", self.worker_id, self._info(unreported=True))
+                    self._call_counting(scheduler, "heartbeat", self.worker_id)
                 else:
-                    scheduler.call("register", self.advertise, self._info(unreported=True))
+                    self._call_counting(scheduler, "register", self.advertise)
                     log.info("registered with scheduler %s as %s", scheduler.address, self.worker_id)
                     registered = True
                 failures, delay = 0, self.heartbeat
@@ -2659,6 +2662,15 @@ class Worker(_Role):
                 delay = min(30.0, 0.25 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
             self._registered = registered
         scheduler.close()
+
+    def _call_counting(self, scheduler, method, first):
+        """A heartbeat or register call with this worker's struct, counted in _beats and
+        _beats_answered."""
+        self._beats += 1
+        try:
+            scheduler.call(method, first, self._info(unreported=True))
+        finally:
+            self._beats_answered = self._beats
 
     def _report_ended(self, job):
         if self.scheduler:
@@ -2701,11 +2713,14 @@ class Worker(_Role):
                     self._unreported -= dropped
                     dropped = 0
                     structs = [job.to_struct() for job in batch]
+                answered = self._beats_answered
                 scheduler.call("job_ended", self.worker_id,
                                [{key: struct[key] for key in JOB_END_KEYS if key in struct}
                                 for struct in structs])
                 with self.jobs_lock:
                     self._unreported -= len(batch)
+                if self._beats != answered:  # that heartbeat may count these jobs: one more
+                    self._beat_now.set()
                 for _ in batch:
                     pending.popleft()
                 failures = 0
@@ -2742,7 +2757,7 @@ class Worker(_Role):
             # Briefly (a scheduler that does not answer sees the worker offline after three
             # missed heartbeats), but long enough for a busy one, and for a TLS handshake.
             scheduler = RPCClient(self.scheduler, security=self.security,
-                                  timeout=min(2.0, self.rpc_timeout))
+                                  timeout=min(2.0, self.rpc_timeout or 2.0))
             try:
                 scheduler.call("deregister", self.worker_id)
             except JobschedError as e:
@@ -4131,6 +4146,8 @@ class JobIndex:
         if number is None:
             number = self._numbers[worker_id] = len(self._worker_ids)
             self._worker_ids.append(worker_id)
+        elif self.get(job_id) == worker_id:
+            return  # known: listed again, it takes no room
         self._newest[job_id] = number  # a segment's older entry for the id no longer counts
         if len(self._newest) >= JOB_INDEX_SEGMENT:
             self._pack()
@@ -4406,10 +4423,12 @@ class Scheduler(_Role):
         return "no worker has a free slot (%d online, all %d slots busy)" % (len(online), slots)
 
     def _remember(self, *pairs):
-        """Index (job_id, worker_id) pairs, forgetting the oldest past JOB_INDEX_LIMIT."""
-        with self.workers_lock:
-            for job_id, worker_id in pairs:
-                self._job_index.add(job_id, worker_id)
+        """Index (job_id, worker_id) pairs, forgetting the oldest past JOB_INDEX_LIMIT; a
+        thousand at a time, so that a long listing lets heartbeats and starts in between."""
+        for at in range(0, len(pairs), 1000):
+            with self.workers_lock:
+                for job_id, worker_id in pairs[at:at + 1000]:
+                    self._job_index.add(job_id, worker_id)
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -4647,16 +4666,16 @@ class Scheduler(_Role):
         """The queue's waiting jobs in queue order, then every job of every online worker
         (asked in parallel), then the queue's ended jobs that no worker listed."""
         waiting, extras, ended = self.queue.listing(self._online_ids())
-        jobs = []
+        jobs, placed = [], []
         for rec, result in self._ask_online("jobs"):
             if isinstance(result, list):
                 jobs.extend(result)
+                # Index fresh copies: the listing's own strings would keep the memory of the
+                # whole parsed listing allocated (100000 jobs: 150 MB of RSS instead of 15 MB).
+                placed.extend((job["job_id"].encode().decode(), rec.worker_id) for job in result)
             else:
                 log.warning("worker %s did not list its jobs: %s", rec.worker_id, result)
-        # Index fresh copies: the listing's own strings would keep the memory of the whole
-        # parsed listing allocated (100000 jobs: 150 MB of RSS instead of 15 MB).
-        self._remember(*[(job["job_id"].encode().decode(), sys.intern(job["worker_id"]))
-                         for job in jobs])
+        self._remember(*placed)
         self._count_finished([(job["job_id"], job.get("state", ""), job["finished_at"])
                               for job in jobs if job.get("finished_at", 0) >= self._began])
         listed = set()
