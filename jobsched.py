@@ -4474,9 +4474,12 @@ class Scheduler(_Role):
         options, on = split_on(options)
         options = {key: value for key, value in parse_job_options(
             options if options is not None else {}).items() if value}
-        job_id = options.setdefault("job_id", str(uuid.uuid4()))
-        with self.workers_lock:
-            placed = self._job_index.get(job_id)
+        job_id, placed = options.get("job_id"), None
+        if job_id is None:  # named here: placed nowhere yet
+            job_id = options["job_id"] = str(uuid.uuid4())
+        else:
+            with self.workers_lock:
+                placed = self._job_index.get(job_id)
         if placed and worker_id not in ("", placed):
             raise BadRequest("job %s was placed on worker %s, not %s" % (job_id, placed, _short(worker_id)))
         if placed or worker_id:
@@ -4761,7 +4764,8 @@ class Scheduler(_Role):
             if rec is not None:  # until its next heartbeat tells the truth
                 rec.running = max(0, rec.running - len(jobs))
         self.queue.jobs_ended(worker_id, jobs)
-        self._dispatch_wanted.set()
+        if self.queue.has_work():  # a queued job may take the slot; else no thread to wake
+            self._dispatch_wanted.set()
         self._count_finished([(job["job_id"], job.get("state", ""), job.get("finished_at", 0))
                               for job in jobs if isinstance(job.get("job_id"), str)])
         return True
