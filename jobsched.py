@@ -518,6 +518,9 @@ def want_info_labels(info):
         info["labels"] = want_labels(info["labels"], "info.labels")
 
 
+_DIGITS = re.compile(r"[0-9]+\Z")
+
+
 def parse_address(text, default_port=None):
     """'host:port', '[::1]:port', 'https://host:port', 'http://user:token@host:port'.
 
@@ -539,7 +542,7 @@ def parse_address(text, default_port=None):
         host, port = hostport, ""
     if not port and default_port is not None:
         port = str(default_port)
-    if not re.match(r"[0-9]+\Z", port):
+    if not _DIGITS.match(port):
         raise ConfigError("address %s is not HOST:PORT" % shown)
     if len(port) > 5 or int(port) > 65535:
         raise ConfigError("address %s: port out of range (at most 65535)" % shown)
@@ -888,7 +891,7 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         length = self.headers.get("content-length")
         if length is None:
             return None
-        if not re.match(r"[0-9]+\Z", length):
+        if not _DIGITS.match(length):
             return "bad Content-Length"
         if self.command != "POST" and length.strip("0"):
             return "a %s request must not have a body" % self.command
