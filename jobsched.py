@@ -2709,13 +2709,14 @@ class Worker(_Role):
                 stopping = self._take_ended(pending, block=False)
             sent_at = time.monotonic()
             dropped = max(0, len(pending) - JOB_END_BACKLOG)
-            for _ in range(dropped):
-                pending.popleft()
+            if dropped:  # never reported: a restarted scheduler learns them from jobs()
+                for _ in range(dropped):
+                    pending.popleft()
+                with self.jobs_lock:
+                    self._unreported -= dropped
             batch = [pending[i] for i in range(min(len(pending), 200))]
             try:
                 with self.jobs_lock:
-                    self._unreported -= dropped
-                    dropped = 0
                     structs = [job.to_struct() for job in batch]
                 answered = self._beats_answered
                 scheduler.call("job_ended", self.worker_id,
@@ -4130,7 +4131,7 @@ class JobIndex:
 
     The newest JOB_INDEX_SEGMENT ids are a dict of strings. Then they are packed into a segment:
     sorted arrays of the two 64-bit halves of each UUID and of the worker's number, 20 bytes a
-    job instead of about 150 as a string in a dict. (An id that is not a UUID in canonical form,
+    job instead of about 130 as a string in a dict. (An id that is not a UUID in canonical form,
     which only a worker of another make could list, stays a string in the segment's dict.) A
     lookup tries the dict, then the segments newest first; past the limit, the oldest segment
     is dropped whole. Not thread-safe: the scheduler calls it under its workers_lock."""

@@ -64,9 +64,9 @@ class ClusterTestCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, path, ignore_errors=True)
         return path
 
-    def scheduler(self, **kwargs):
+    def scheduler(self, kind=jobsched.Scheduler, **kwargs):
         kwargs.setdefault("rpc_timeout", 5.0)
-        scheduler = jobsched.Scheduler("127.0.0.1:0", **kwargs).start_serving()
+        scheduler = kind("127.0.0.1:0", **kwargs).start_serving()
         self.addCleanup(scheduler.close)
         return scheduler
 
@@ -1020,19 +1020,24 @@ class WorkerStateDirTest(ClusterTestCase):
 
 class SchedulerTest(ClusterTestCase):
 
-    def test_a_late_end_report_does_not_take_a_running_job_off_the_count(self):
-        class SlowReports(jobsched.Scheduler):
-            def job_ended(self, worker_id, jobs):
-                time.sleep(0.6)  # heartbeats sent after the end arrive first
-                return super().job_ended(worker_id, jobs)
-        scheduler = SlowReports("127.0.0.1:0", rpc_timeout=5.0).start_serving()
-        self.addCleanup(scheduler.close)
-        self.worker(scheduler)
+    def one_running_one_ended(self, kind, **worker_kwargs):
+        """A scheduler of this kind, a worker, a job running on it and one that has ended;
+        returns (client, worker)."""
+        scheduler = self.scheduler(kind)
+        worker = self.worker(scheduler, **worker_kwargs)
         c = self.client(scheduler)
         wait_until(lambda: c.workers(), message="the worker to register")
         running = c.start("", "sleep", "", {"args": ["30"]})
         self.addCleanup(c.stop, running)
         self.wait_done(c, c.start("", "true", ""))
+        return c, worker
+
+    def test_a_late_end_report_does_not_take_a_running_job_off_the_count(self):
+        class SlowReports(jobsched.Scheduler):
+            def job_ended(self, worker_id, jobs):
+                time.sleep(0.6)  # heartbeats sent after the end arrive first
+                return super().job_ended(worker_id, jobs)
+        c, _ = self.one_running_one_ended(SlowReports)
         counts = []
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:  # through the report, and heartbeats on either side
@@ -1049,14 +1054,7 @@ class SchedulerTest(ClusterTestCase):
                 worker._beat_now.set()  # a heartbeat now still counts the ended job
                 time.sleep(0.6)
                 return answer
-        scheduler = SlowAnswers("127.0.0.1:0", rpc_timeout=5.0).start_serving()
-        self.addCleanup(scheduler.close)
-        worker = self.worker(scheduler, heartbeat=5.0)
-        c = self.client(scheduler)
-        wait_until(lambda: c.workers(), message="the worker to register")
-        running = c.start("", "sleep", "", {"args": ["30"]})
-        self.addCleanup(c.stop, running)
-        self.wait_done(c, c.start("", "true", ""))
+        c, worker = self.one_running_one_ended(SlowAnswers, heartbeat=5.0)
         wait_until(lambda: c.workers()[0]["running"] == 2, message="the crossing heartbeat")
         # Without another heartbeat once the report is answered, 2 would stay for 5 s.
         wait_until(lambda: c.workers()[0]["running"] == 1, timeout=2.5,
