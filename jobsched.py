@@ -6017,20 +6017,25 @@ def _configure_logging(level):
 
 def _serve_until_signal(role, banner):
     """Serve until SIGINT or SIGTERM (0), or until the role cannot go on (2: a worker whose token
-    the scheduler refuses); a second signal exits at once."""
-    stop = threading.Event()
+    the scheduler refuses); a second signal exits at once.
+
+    The handler only notes the signal. It runs in the main thread between two of its bytecodes:
+    had it set a threading.Event that thread waits on, it could find the Event's lock held by the
+    very wait it interrupted, and wait for it for ever."""
+    signalled = []
 
     def on_signal(signum, frame):
-        if stop.is_set():
+        if signalled:
             os._exit(1)
-        stop.set()
+        signalled.append(signum)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     role.start_serving()
     print(banner % role.address, flush=True)
-    while not stop.wait(0.1):
+    while not signalled:
         if role.fatal_error is not None:
             break
+        time.sleep(0.1)
     else:
         log.info("signal received, shutting down")
     role.close()

@@ -1598,6 +1598,51 @@ class ProcessTest(ClusterTestCase):
                 proc.send_signal(signum)
                 self.assertEqual(proc.wait(timeout=15), 0)
 
+    def test_signal_while_the_main_thread_holds_a_lock(self):
+        # A loaded process can be switched out while its main thread holds the lock inside a
+        # threading.Event's wait(). Here the first such hold once the role serves (its banner is
+        # out) lasts until the signal has come: a handler that set that Event would wait for
+        # the lock for ever.
+        marker = os.path.join(self.tempdir(), "holding")
+        wrapper = (
+            "import os, sys, threading, time\n"
+            "sys.path.insert(0, %r)\n"
+            "import jobsched\n"
+            "wait, write, state = threading.Event.wait, sys.stdout.write, ['']\n"
+            "def write_banner(text):\n"
+            "    state.append('serving')\n"
+            "    return write(text)\n"
+            "def slow_wait(self, timeout=None):\n"
+            "    if threading.current_thread() is threading.main_thread() and state[-1:] == ['serving']:\n"
+            "        state.append('held')\n"
+            "        with self._cond:\n"
+            "            open(%r, 'w').close()\n"
+            "            time.sleep(1.5)\n"
+            "    return wait(self, timeout)\n"
+            "sys.stdout.write = write_banner\n"
+            "threading.Event.wait = slow_wait\n"
+            "sys.exit(jobsched.main(sys.argv[1:]))\n" % (HERE, marker))
+        for role in ("scheduler", "worker"):
+            with self.subTest(role=role):
+                if role == "scheduler":
+                    args = ["scheduler", "--listen", "127.0.0.1:0", "--state-dir", self.tempdir()]
+                else:
+                    args = ["worker", "--listen", "127.0.0.1:0", "--state-dir", self.tempdir()]
+                proc = subprocess.Popen([sys.executable, "-c", wrapper] + args,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL)
+                self.addCleanup(proc.stdout.close)
+                self.addCleanup(lambda p=proc: p.poll() is None and (p.kill(), p.wait()))
+                self.assertIn(b"listening on", proc.stdout.readline())
+                # The marker comes if the main thread waits on an Event; else send at once.
+                deadline = time.monotonic() + 1.0
+                while not os.path.exists(marker) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                proc.send_signal(signal.SIGTERM)
+                self.assertEqual(proc.wait(timeout=15), 0)
+                if os.path.exists(marker):
+                    os.remove(marker)
+
     def test_import_has_no_side_effects(self):
         probe = (
             "import json, logging, signal, sys, threading\n"
