@@ -6553,11 +6553,12 @@ def _await_fan_out(client, jobs, stdout_closed):
             if stdout_closed.is_set() and stoppers is None:
                 stoppers = _stop_fan_out(client, jobs)
             # Events, not Thread.join(): a join that Ctrl-C interrupts can mark a thread
-            # that still runs as ended.
-            following = [job for job in jobs if not job.followed.is_set()]
-            if not following:
+            # that still runs as ended. Looked at, not waited on: an Event's wait() that a
+            # signal's exception interrupts can leave the Event's lock held, and hang the
+            # next wait() or the follower's set().
+            if all(job.followed.is_set() for job in jobs):
                 break
-            following[0].followed.wait(0.1)
+            time.sleep(0.02)
         except (KeyboardInterrupt, _Signalled) as e:
             if stoppers is not None:
                 if isinstance(e, _Signalled) and e.signum == signalled:
