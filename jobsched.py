@@ -3341,6 +3341,7 @@ class JobQueue:
 
     def close(self):
         with self.journal_lock:
+            self._closed = True  # a request still being served must not be acknowledged now
             if self._journal is not None:
                 os.close(self._journal)
                 self._journal = None
@@ -3933,9 +3934,14 @@ class JobQueue:
             log.error("cannot append to the queue journal: %s", e)
         self._maybe_compact()
 
+    _closed = False  # set by close(); under journal_lock
+
     def _write_line(self, text, sync):
         if self._journal is None:
-            return
+            if self._closed and self.state_dir:
+                raise Unavailable("the scheduler is shutting down: nothing was done; try again "
+                                  "once it is back")
+            return  # in memory only, or replaying the journal
         data = text.encode("utf-8")
         view = memoryview(data)
         try:

@@ -5239,6 +5239,24 @@ class QueueTest(ClusterTestCase):
         self.assertEqual(client.output(job_id)["eof"], True)
         self.assertEqual(client.wait([job_id], 1), [{"job_id": job_id, "state": "failed"}])
 
+    def test_a_submit_served_after_close_is_refused_not_lost(self):
+        # close() stops accepting, but a kept-alive connection's thread may still read one more
+        # request (here it waits 5 s for it): that submit must not be acknowledged unwritten.
+        state_dir = self.tempdir()
+        scheduler = self.scheduler(state_dir=state_dir)
+        scheduler.server.park_after = 5.0
+        client = self.client(scheduler)
+        (before,) = client.submit([{"command": "true"}])
+        scheduler.close()
+        error = fault_of(client.submit, [{"command": "true"}])
+        self.assertIsInstance(error, jobsched.Unavailable)
+        self.assertIn("shutting down: nothing was done", str(error))
+        error = fault_of(client.stop, before)
+        self.assertIsInstance(error, jobsched.Unavailable)
+        client.close()
+        again = self.client(self.scheduler(state_dir=state_dir))
+        self.assertEqual(again.query(before)["state"], "queued")  # no worker: still waiting
+
     def test_submit_refuses_bad_specs_naming_them(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
         client = self.client(scheduler)
