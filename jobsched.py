@@ -6022,8 +6022,9 @@ def _configure_logging(level):
 
 
 def _serve_until_signal(role, banner):
-    """Serve until SIGINT or SIGTERM (0), or until the role cannot go on (2: a worker whose token
-    the scheduler refuses); a second signal exits at once.
+    """Serve until SIGINT, SIGTERM or SIGHUP (0; SIGHUP stays ignored if it was, as under nohup),
+    or until the role cannot go on (2: a worker whose token the scheduler refuses); a second
+    signal exits at once.
 
     The handler only notes the signal. It runs in the main thread between two of its bytecodes:
     had it set a threading.Event that thread waits on, it could find the Event's lock held by the
@@ -6036,6 +6037,8 @@ def _serve_until_signal(role, banner):
         signalled.append(signum)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # a closed terminal: stop the jobs too
+        signal.signal(signal.SIGHUP, on_signal)
     role.start_serving()
     print(banner % role.address, flush=True)
     while not signalled:

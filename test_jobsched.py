@@ -1590,13 +1590,39 @@ class ProcessTest(ClusterTestCase):
             self.assertEqual((record["state"], record["done"]), ("stopped", True))
             wait_until(lambda: not pid_alive(pid), message="job process to be gone")
 
+    def test_worker_sighup_stops_its_job_and_exits_0(self):
+        # A closed terminal or ssh session: the worker must not leave its jobs unsupervised.
+        scheduler = self.scheduler()
+        c = self.client(scheduler)
+        state_dir = self.tempdir()
+        proc, _ = self.spawn(*worker_args(scheduler.address, state_dir))
+        wait_until(lambda: c.workers(), message="worker to register")
+        job_id = c.start("", "sleep", "", {"args": ["300"]})
+        pid = c.query(job_id)["pid"]
+        proc.send_signal(signal.SIGHUP)
+        self.assertEqual(proc.wait(timeout=15), 0)
+        with open(os.path.join(state_dir, job_id + ".json")) as f:
+            self.assertEqual(json.load(f)["state"], "stopped")
+        wait_until(lambda: not pid_alive(pid), message="job process to be gone")
+
     def test_scheduler_signal_exits_0(self):
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with self.subTest(signal=signum):
                 proc, address = self.spawn("scheduler", "--listen", "127.0.0.1:0")
                 self.assertEqual(self.client(address).workers(), [])
                 proc.send_signal(signum)
                 self.assertEqual(proc.wait(timeout=15), 0)
+
+    def test_sighup_ignored_under_nohup_stays_ignored(self):
+        proc = popen_jobsched(self, ["scheduler", "--listen", "127.0.0.1:0", "--state-dir",
+                                     self.tempdir()],
+                              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        address = proc.stdout.readline().decode().split("listening on ")[1].split()[0]
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        self.assertEqual(self.client(address).workers(), [])  # still serving
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=15), 0)
 
     def test_signal_while_the_main_thread_holds_a_lock(self):
         # A loaded process can be switched out while its main thread holds the lock inside a
