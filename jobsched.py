@@ -6200,9 +6200,11 @@ class _Follower:
                     pass  # no thread to be had: the chunks are asked for one by one
             else:
                 ahead.clear()
-            out.write(reply["data"])
-            out.flush()
-            self.offset = reply["offset"]
+            with _STOP_SIGNALS:  # the offset counts what was written, whatever signal comes
+                out.write(reply["data"])
+                out.flush()
+                self.offset = reply["offset"]
+            _STOP_SIGNALS.raise_noted()
             if reply["eof"] or (not follow and not reply["data"]):
                 return
 
@@ -6324,8 +6326,47 @@ class _Signalled(BaseException):
         self.signum = signum
 
 
-def _raise_signalled(signum, frame):
+def _raise_stop_signal(signum):
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise _Signalled(signum)
+
+
+class _StopSignals:
+    """What run does with SIGINT, SIGTERM and SIGHUP (see _with_stop_signals). Outside a held
+    block each raises in the main thread (KeyboardInterrupt, _Signalled), so that a long-poll
+    ends at once. Inside one (``with _STOP_SIGNALS:`` around a job being placed, or a chunk being
+    written and counted) the first is only noted, for take() once the block is done: raised
+    there, it could leave a placed job unknown or a written chunk uncounted. A second one
+    raises at once. Blocks do not nest."""
+    holding = False
+    noted = None  # the signal number noted in a held block
+
+    def __enter__(self):
+        self.holding = True
+        return self
+
+    def __exit__(self, *exc_info):
+        self.holding = False
+
+    def take(self):
+        """The signal noted in a held block, forgotten; None if none was."""
+        signum, self.noted = self.noted, None
+        return signum
+
+    def raise_noted(self):
+        signum = self.take()
+        if signum is not None:
+            _raise_stop_signal(signum)
+
+    def handle(self, signum, frame):
+        if self.holding and self.noted is None:
+            self.noted = signum
+            return
+        _raise_stop_signal(signum)
+
+
+_STOP_SIGNALS = _StopSignals()
 
 
 def _place_job(client, args):
@@ -6362,21 +6403,27 @@ def _announce(client, job_id, follower, quiet):
 def cmd_run(args):
     if args.all or args.gather or args.no_prefix:
         return _with_stop_signals(_run_all, args)
-    client = _client_from_args(args)
-    try:
-        job_id = _place_job(client, args)
-    except (Unauthorized, _PlainHTTPToTLS):
-        raise
-    except Unreachable as e:  # the start may have reached the scheduler: the outcome is unknown
-        _say("error: %s" % e)
-        return 255
-    return _with_stop_signals(_run_to_the_end, client, job_id, args)
+    return _with_stop_signals(_place_and_run, _client_from_args(args), args)
+
+
+def _place_and_run(client, args):
+    with _STOP_SIGNALS:  # a signal while the job is placed waits: the job must be known to stop it
+        try:
+            job_id = _place_job(client, args)
+        except (Unauthorized, _PlainHTTPToTLS):
+            raise
+        except Unreachable as e:  # the submit may have reached the scheduler: outcome unknown
+            _say("error: %s" % e)
+            return 255
+    noted = _STOP_SIGNALS.take()
+    return _run_to_the_end(client, job_id, args, "interrupt" if noted == signal.SIGINT else noted)
 
 
 def _with_stop_signals(func, *args):
-    """func(*args) with SIGTERM and SIGHUP raising _Signalled, as SIGINT raises KeyboardInterrupt."""
-    handlers = {signum: signal.signal(signum, _raise_signalled)
-                for signum in (signal.SIGTERM, signal.SIGHUP)}
+    """func(*args) with SIGTERM and SIGHUP raising _Signalled, as SIGINT raises
+    KeyboardInterrupt, except in _STOP_SIGNALS' held blocks."""
+    handlers = {signum: signal.signal(signum, _STOP_SIGNALS.handle)
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         return func(*args)
     finally:
@@ -6384,13 +6431,17 @@ def _with_stop_signals(func, *args):
             signal.signal(signum, handler)
 
 
-def _run_to_the_end(client, job_id, args):
-    """run once the job is placed: follow it until it ends; returns run's exit status."""
+def _run_to_the_end(client, job_id, args, stop_asked=None):
+    """run once the job is placed: follow it until it ends; returns run's exit status.
+    stop_asked: what asked run to stop the job: "interrupt", "pipe" or a signal number. The
+    except clauses only note a signal: what they did could itself be cut short by the next."""
     follower = _Follower(client, job_id, patience=args.reconnect, quiet=args.quiet, known=True)
-    stop_asked = None  # what asked run to stop the job: "interrupt", "pipe" or a signal number
-    announced = stopped = pipe_closed = False
+    announced = stopped = told = pipe_closed = False
     while True:
         try:
+            if stop_asked is not None and stop_asked != "pipe" and not told:
+                told = True
+                _say("stopping job %s" % job_id)
             if not announced:
                 announced = True
                 _announce(client, job_id, follower, args.quiet)
@@ -6402,15 +6453,15 @@ def _run_to_the_end(client, job_id, args):
             job = follower.call(client.query, job_id)
             break
         except KeyboardInterrupt:
-            if stop_asked is not None:
-                raise
+            if _STOP_SIGNALS.take() is not None or stop_asked is not None:
+                raise  # a second Ctrl-C (the first may still be noted): exit at once
             stop_asked = "interrupt"
-            _say("stopping job %s" % job_id)
         except _Signalled as e:
-            if stop_asked is not None:
+            _STOP_SIGNALS.take()
+            if stopped:  # asked again once the stop is sent: no waiting for the end
                 return 128 + e.signum
-            stop_asked = e.signum
-            _say("stopping job %s" % job_id)
+            if stop_asked is None:
+                stop_asked = e.signum
         except BrokenPipeError:
             pipe_closed = True
             _stdout_closed()
@@ -6540,47 +6591,52 @@ class _FanOutJob:
 
 
 def _stop_fan_out(client, jobs):
-    """Stop every job in parallel; returns the threads doing it."""
-    def stop(job):
+    """Stop every job in parallel; returns an Event per job, set once its stop is done."""
+    def stop(job, done):
         try:
             client.stop(job.job_id)
         except JobschedError as e:
             print("jobsched: %s: cannot stop job %s: %s" % (job.name, job.job_id, e), file=sys.stderr)
-    threads = [threading.Thread(target=stop, args=(job,), daemon=True) for job in jobs]
-    for thread in threads:
-        thread.start()
-    return threads
+        finally:
+            done.set()
+    dones = [threading.Event() for _ in jobs]
+    for job, done in zip(jobs, dones):
+        threading.Thread(target=stop, args=(job, done), daemon=True).start()
+    return dones
 
 
-def _await_fan_out(client, jobs, stdout_closed):
-    """Wait for every follower. The first Ctrl-C, SIGTERM or SIGHUP, or a closed stdout, stops
-    every job; a second Ctrl-C exits at once. Returns the number of the signal that stopped
-    them (SIGTERM, SIGHUP), else None."""
-    stoppers = signalled = None
+def _await_fan_out(client, jobs, stdout_closed, stop_asked=None):
+    """Wait for every follower. The first Ctrl-C, SIGTERM or SIGHUP (stop_asked: one that came
+    while the jobs were placed), or a closed stdout, stops every job; a second Ctrl-C exits at
+    once, as does another signal once the stops are sent. Returns the number of the signal that
+    stopped them (SIGTERM, SIGHUP), else None. The except clause only notes a signal: what it
+    did could itself be cut short by the next one."""
+    stops = None
     while True:
         try:
-            if stdout_closed.is_set() and stoppers is None:
-                stoppers = _stop_fan_out(client, jobs)
+            if stops is None and (stop_asked is not None or stdout_closed.is_set()):
+                with _STOP_SIGNALS:  # the stopping threads are started whole
+                    if stop_asked is not None:
+                        print("jobsched: stopping %d jobs" % len(jobs), file=sys.stderr)
+                    stops = _stop_fan_out(client, jobs)
+                _STOP_SIGNALS.raise_noted()
             # Events, not Thread.join(): a join that Ctrl-C interrupts can mark a thread
             # that still runs as ended. Looked at, not waited on: an Event's wait() that a
             # signal's exception interrupts can leave the Event's lock held, and hang the
             # next wait() or the follower's set().
-            if all(job.followed.is_set() for job in jobs):
+            if all(job.followed.is_set() for job in jobs) and \
+                    all(done.is_set() for done in stops or ()):
                 break
             time.sleep(0.02)
         except (KeyboardInterrupt, _Signalled) as e:
-            if stoppers is not None:
-                if isinstance(e, _Signalled) and e.signum == signalled:
-                    continue  # the same signal again: the jobs are being stopped already
+            _STOP_SIGNALS.take()
+            signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
+            if stop_asked is None:
+                stop_asked = signum
+            elif signum == signal.SIGINT or (signum != stop_asked and stops is not None):
                 raise
-            signalled = getattr(e, "signum", None)
-            print("jobsched: stopping %d jobs" % len(jobs), file=sys.stderr)
-            stoppers = _stop_fan_out(client, jobs)
-    if stdout_closed.is_set() and stoppers is None:
-        stoppers = _stop_fan_out(client, jobs)
-    for thread in stoppers or ():
-        thread.join()
-    return signalled
+            # else the same signal again, or any before the stops are sent: they are on the way
+    return stop_asked if stop_asked in (signal.SIGTERM, signal.SIGHUP) else None
 
 
 def _run_all(args):
@@ -6589,9 +6645,6 @@ def _run_all(args):
     if not args.all:
         raise ConfigError("--gather and --no-prefix go with --all")
     client = _client_from_args(args)
-    entries = _start_all_from_args(client, args)
-    jobs = [_FanOutJob(name, entry) for name, entry in zip(_fan_out_names(entries), entries)]
-    client.max_idle = len(jobs)  # each follower keeps its connection from one call to the next
     out, stdout_closed = sys.stdout.buffer, threading.Event()
     out_lock = threading.Lock()
     #: guards writes to out: a line is written whole, never mixed with another host's
@@ -6606,11 +6659,18 @@ def _run_all(args):
         with out_lock:
             out.write(text)
             out.flush()
-    for job in jobs:
-        if job.started:
-            threading.Thread(target=job.follow, args=(client, emit, stdout_closed, args.reconnect),
-                             name="jobsched-follow", daemon=True).start()
-    signalled = _await_fan_out(client, [job for job in jobs if job.job_id], stdout_closed)
+    # A signal while the jobs are placed and their followers started waits: each job must be
+    # known to be stopped, and a thread's start() waits on an Event.
+    with _STOP_SIGNALS:
+        entries = _start_all_from_args(client, args)
+        jobs = [_FanOutJob(name, entry) for name, entry in zip(_fan_out_names(entries), entries)]
+        client.max_idle = len(jobs)  # each follower keeps its connection from one call to the next
+        for job in jobs:
+            if job.started:
+                threading.Thread(target=job.follow, name="jobsched-follow", daemon=True,
+                                 args=(client, emit, stdout_closed, args.reconnect)).start()
+    signalled = _await_fan_out(client, [job for job in jobs if job.job_id], stdout_closed,
+                               _STOP_SIGNALS.take())
     if stdout_closed.is_set():
         return 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
     if args.gather:

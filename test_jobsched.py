@@ -24,6 +24,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
@@ -2573,6 +2574,127 @@ def gated_output(first, second):
 def cli_env(**extra):
     """The environment of a CLI process: ours without any jobsched setting, plus extra."""
     return example_env(**extra)
+
+
+class StopSignalTest(ClusterTestCase):
+    """run and run --all when a signal lands at the worst moment: in the middle of a write to
+    stdout, just after the job is placed, and again while run says it is stopping. Each case
+    widens its window in a wrapper that patches the client before jobsched.main() runs."""
+
+    def setUp(self):
+        self.scheduler_, workers, self.c = self.cluster(workers=2, slots=4)
+        self.marker = os.path.join(self.tempdir(), "now")
+
+    def run_patched(self, patch, args):
+        """`jobsched.py ARGS` with PATCH run first (it may create self.marker: the window is
+        open); returns (proc, stdout chunks read by a thread, that thread)."""
+        code = ("import io, os, sys, time\nsys.path.insert(0, %r)\nimport jobsched\n"
+                "MARKER = %r\n%s\nsys.exit(jobsched.main(sys.argv[1:]))\n"
+                % (HERE, self.marker, textwrap.dedent(patch)))
+        proc = subprocess.Popen([sys.executable, "-c", code] + list(args),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
+                                env=cli_env(JOBSCHED_SCHEDULER=self.scheduler_.address))
+        chunks = []
+        reader = threading.Thread(
+            target=lambda: chunks.extend(iter(lambda: proc.stdout.read(65536), b"")))
+        reader.start()
+        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(), reader.join(),
+                                 proc.stdout.close(), proc.stderr.close()))
+        return proc, chunks, reader
+
+    def when_open(self, proc):
+        wait_until(lambda: os.path.exists(self.marker) or proc.poll() is not None,
+                   timeout=30, message="the window to open")
+        if proc.poll() is not None:
+            self.fail("exited %d first: %s" % (proc.returncode, proc.stderr.read().decode()))
+
+    def test_a_signal_in_the_middle_of_a_write_writes_no_byte_twice(self):
+        # The first big write stops half way for 2 s: the signal comes then.
+        patch = """
+            class HalfThenWait(io.BufferedWriter):
+                def write(self, data):
+                    if len(data) > 100000 and not os.path.exists(MARKER):
+                        half = len(data) // 2
+                        super().write(data[:half]); super().flush()
+                        open(MARKER, "w").close()
+                        time.sleep(2)
+                        return half + super().write(data[half:])
+                    return super().write(data)
+            sys.stdout = io.TextIOWrapper(HalfThenWait(io.FileIO(1, "w", closefd=False)))
+            """
+        for signum, status in ((signal.SIGINT, 0), (signal.SIGTERM, 143)):
+            with self.subTest(signal=signum):
+                if os.path.exists(self.marker):
+                    os.remove(self.marker)
+                proc, chunks, reader = self.run_patched(patch, ["run", "--", "seq", "1", "300000"])
+                self.when_open(proc)
+                proc.send_signal(signum)
+                self.assertEqual(proc.wait(timeout=30), status, proc.stderr.read().decode())
+                reader.join()
+                lines = b"".join(chunks).decode().split()
+                self.assertEqual(len(lines), 300000)
+                self.assertEqual(lines, [str(i) for i in range(1, 300001)])
+
+    def test_a_signal_while_the_job_is_placed_stops_it(self):
+        # The submit (start_all) has placed the job(s) and takes 2 s more to come back.
+        patch = """
+            def slowly(method):
+                def call(*args, **kwargs):
+                    result = method(*args, **kwargs)
+                    open(MARKER, "w").close()
+                    time.sleep(2)
+                    return result
+                return call
+            jobsched.Client.submit = slowly(jobsched.Client.submit)
+            jobsched.Client.start_all = slowly(jobsched.Client.start_all)
+            """
+        for args, count in ((["run", "--", "sleep", "300"], 1),
+                            (["run", "--all", "--", "sleep", "300"], 2)):
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                with self.subTest(args=args, signal=signum):
+                    if os.path.exists(self.marker):
+                        os.remove(self.marker)
+                    known = {job["job_id"] for job in self.c.jobs()}
+                    proc, _, _ = self.run_patched(patch, args)
+                    self.when_open(proc)
+                    proc.send_signal(signum)
+                    # Ctrl-C: the job's status (stopped by SIGTERM); SIGTERM: 143 in any case
+                    self.assertEqual(proc.wait(timeout=30), 143, proc.stderr.read().decode())
+                    placed = [job for job in self.c.jobs() if job["job_id"] not in known]
+                    self.assertEqual(len(placed), count)
+                    for job in placed:
+                        ended = self.wait_done(self.c, job["job_id"])
+                        self.assertEqual(ended["state"], "stopped")
+
+    def test_a_second_sigterm_while_run_says_it_is_stopping(self):
+        # Each write to stderr takes 0.5 s: the second SIGTERM lands in "stopping job ...".
+        patch = """
+            class Slow:
+                def __init__(self, stream):
+                    self.stream = stream
+                def write(self, text):
+                    time.sleep(0.5)
+                    return self.stream.write(text)
+                def __getattr__(self, name):
+                    return getattr(self.stream, name)
+            sys.stderr = Slow(sys.stderr)
+            """
+        for args, count in ((["run", "-q", "--", "sleep", "300"], 1),
+                            (["run", "--all", "--", "sleep", "300"], 2)):
+            with self.subTest(args=args):
+                known = {job["job_id"] for job in self.c.jobs()}
+                proc, _, _ = self.run_patched(patch, args)
+                wait_until(lambda: len([job for job in self.c.jobs() if job["job_id"] not in known
+                                        and job["state"] == "running"]) == count,
+                           message="the jobs to run")
+                time.sleep(0.6)  # past run's own first lines on stderr
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.2)
+                proc.send_signal(signal.SIGTERM)
+                self.assertEqual(proc.wait(timeout=30), 143, proc.stderr.read().decode())
+                for job in [job for job in self.c.jobs() if job["job_id"] not in known]:
+                    self.assertEqual(self.wait_done(self.c, job["job_id"])["state"], "stopped")
 
 
 class FollowAcrossRestartTest(ClusterTestCase):
