@@ -6201,8 +6201,7 @@ class _Follower:
             else:
                 ahead.clear()
             with _STOP_SIGNALS:  # the offset counts what was written, whatever signal comes
-                out.write(reply["data"])
-                out.flush()
+                _write_whole(out, reply["data"])
                 self.offset = reply["offset"]
             _STOP_SIGNALS.raise_noted()
             if reply["eof"] or (not follow and not reply["data"]):
@@ -6210,6 +6209,22 @@ class _Follower:
 
     def resume_hint(self):
         return "the job goes on: jobsched.py logs -f --offset %d %s" % (self.offset, self.job_id)
+
+
+def _write_whole(out, data):
+    """Write data to the binary stream out, all of it, through its file descriptor when it has
+    one: a BufferedWriter's write() drops bytes when a signal whose handler returns interrupts
+    a large write to a pipe (seen on CPython 3.6 and 3.11)."""
+    out.flush()
+    try:
+        fd = out.fileno()
+    except (AttributeError, io.UnsupportedOperation):
+        out.write(data)
+        out.flush()
+        return
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _queue_spec(args, words, ids):

@@ -2610,8 +2610,18 @@ class StopSignalTest(ClusterTestCase):
             self.fail("exited %d first: %s" % (proc.returncode, proc.stderr.read().decode()))
 
     def test_a_signal_in_the_middle_of_a_write_writes_no_byte_twice(self):
-        # The first big write stops half way for 2 s: the signal comes then.
+        # The first big write to stdout stops half way for 2 s: the signal comes then. (Both
+        # ways to write are patched: os.write() may return the half as a signal makes it do.)
         patch = """
+            real_write = os.write
+            def half_then_wait(fd, data):
+                if fd == 1 and len(data) > 100000 and not os.path.exists(MARKER):
+                    written = real_write(fd, bytes(data[:len(data) // 2]))
+                    open(MARKER, "w").close()
+                    time.sleep(2)
+                    return written
+                return real_write(fd, data)
+            os.write = half_then_wait
             class HalfThenWait(io.BufferedWriter):
                 def write(self, data):
                     if len(data) > 100000 and not os.path.exists(MARKER):
@@ -2635,6 +2645,36 @@ class StopSignalTest(ClusterTestCase):
                 lines = b"".join(chunks).decode().split()
                 self.assertEqual(len(lines), 300000)
                 self.assertEqual(lines, [str(i) for i in range(1, 300001)])
+
+    def test_output_written_whole_while_signals_come(self):
+        # What copy() writes with: to a pipe read slowly, with signals whose handler returns
+        # landing in the writes (a BufferedWriter's write() loses bytes then).
+        child = ("import signal, sys\nsys.path.insert(0, %r)\nimport jobsched\n"
+                 "signal.signal(signal.SIGINT, lambda signum, frame: None)\n"
+                 "data = b''.join(b'%%d\\n' %% i for i in range(1, 1500001))\n"
+                 "print('ready', file=sys.stderr, flush=True)\n"
+                 "for k in range(0, len(data), 1 << 20):\n"
+                 "    jobsched._write_whole(sys.stdout.buffer, data[k:k + (1 << 20)])\n" % HERE)
+        proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(),
+                                 proc.stdout.close(), proc.stderr.close()))
+        self.assertEqual(proc.stderr.readline(), b"ready\n")
+        chunks = []
+
+        def read_slowly():
+            for chunk in iter(lambda: proc.stdout.read1(16384), b""):
+                chunks.append(chunk)
+                time.sleep(0.002)
+        reader = threading.Thread(target=read_slowly)
+        reader.start()
+        for _ in range(5):
+            time.sleep(0.2)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(timeout=60), 0)
+        reader.join()
+        self.assertEqual(b"".join(chunks), b"".join(b"%d\n" % i for i in range(1, 1500001)))
 
     def test_a_signal_while_the_job_is_placed_stops_it(self):
         # The submit (start_all) has placed the job(s) and takes 2 s more to come back.
