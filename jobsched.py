@@ -3368,8 +3368,7 @@ class JobQueue:
             try:
                 self._write_line(line, sync=True)
             except OSError as e:
-                raise Unavailable("cannot write the queue journal in %s: %s"
-                                  % (self.state_dir, e.strerror or e))
+                raise self._unwritten(e)
             with self.lock:
                 for seq, (key, spec) in enumerate(zip(keys, specs), first):
                     entry = self._add(QueueEntry(key, seq, now, spec), len(line) // len(specs))
@@ -3646,7 +3645,8 @@ class JobQueue:
                                                        in starts.items() for job in jobs]},
                                                 separators=(",", ":")) + "\n", sync=True)
                 except OSError as e:
-                    log.error("cannot write dispatch intents to the queue journal: %s", e)
+                    if not self._closed:
+                        log.error("cannot write dispatch intents to the queue journal: %s", e)
                     with self.lock:
                         for worker_id, jobs in starts.items():
                             for job in jobs:
@@ -3929,18 +3929,25 @@ class JobQueue:
                                      for kind, items in pending.items()), sync)
         except OSError as e:
             if sync:
-                raise Unavailable("cannot write the queue journal in %s: %s"
-                                  % (self.state_dir, e.strerror or e))
-            log.error("cannot append to the queue journal: %s", e)
+                raise self._unwritten(e)
+            if not self._closed:  # else what a crash would lose: found again at start-up
+                log.error("cannot append to the queue journal: %s", e)
         self._maybe_compact()
+
+    def _unwritten(self, e):
+        """The fault for a change that could not be written (OSError e): nothing was done."""
+        if e.errno == errno.ESHUTDOWN:
+            return Unavailable(e.strerror)
+        return Unavailable("cannot write the queue journal in %s: %s"
+                           % (self.state_dir, e.strerror or e))
 
     _closed = False  # set by close(); under journal_lock
 
     def _write_line(self, text, sync):
         if self._journal is None:
-            if self._closed and self.state_dir:
-                raise Unavailable("the scheduler is shutting down: nothing was done; try again "
-                                  "once it is back")
+            if self._closed and self.state_dir:  # a request still served after close()
+                raise OSError(errno.ESHUTDOWN, "the scheduler is shutting down: nothing was "
+                                               "done; try again once it is back")
             return  # in memory only, or replaying the journal
         data = text.encode("utf-8")
         view = memoryview(data)
@@ -6022,9 +6029,9 @@ def _configure_logging(level):
 
 
 def _serve_until_signal(role, banner):
-    """Serve until SIGINT, SIGTERM or SIGHUP (0; SIGHUP stays ignored if it was, as under nohup),
-    or until the role cannot go on (2: a worker whose token the scheduler refuses); a second
-    signal exits at once.
+    """Serve until SIGINT, SIGTERM or SIGHUP (0; one ignored at start stays ignored, as under
+    nohup or in a script's background job), or until the role cannot go on (2: a worker whose
+    token the scheduler refuses); a second signal exits at once.
 
     The handler only notes the signal. It runs in the main thread between two of its bytecodes:
     had it set a threading.Event that thread waits on, it could find the Event's lock held by the
@@ -6035,10 +6042,9 @@ def _serve_until_signal(role, banner):
         if signalled:
             os._exit(1)
         signalled.append(signum)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # a closed terminal: stop the jobs too
-        signal.signal(signal.SIGHUP, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, on_signal)
     role.start_serving()
     print(banner % role.address, flush=True)
     while not signalled:
@@ -6200,31 +6206,37 @@ class _Follower:
                     pass  # no thread to be had: the chunks are asked for one by one
             else:
                 ahead.clear()
-            with _STOP_SIGNALS:  # the offset counts what was written, whatever signal comes
-                _write_whole(out, reply["data"])
-                self.offset = reply["offset"]
-            _STOP_SIGNALS.raise_noted()
+            self._write(out, reply["data"])
+            self.offset = reply["offset"]
             if reply["eof"] or (not follow and not reply["data"]):
                 return
 
+    def _write(self, out, data):
+        """Write data to stdout, counting each byte into self.offset as it goes out, whatever
+        signal comes. Through the file descriptor: a BufferedWriter's write() drops bytes when a
+        signal whose handler returns interrupts a large write to a pipe (seen on CPython 3.6 and
+        3.11). The wait for room is outside _STOP_SIGNALS' hold, where a signal's exception has
+        written nothing; the write is inside it, where a signal cuts the write short and the
+        count says how far it got, then raises once the count is kept."""
+        out.flush()
+        try:
+            fd = out.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            out.write(data)
+            out.flush()
+            self.offset += len(data)
+            return
+        view = memoryview(data)
+        while view:
+            select.select([], [fd], [])
+            with _STOP_SIGNALS:
+                written = os.write(fd, view)
+                self.offset += written
+                view = view[written:]
+            _STOP_SIGNALS.raise_noted()
+
     def resume_hint(self):
         return "the job goes on: jobsched.py logs -f --offset %d %s" % (self.offset, self.job_id)
-
-
-def _write_whole(out, data):
-    """Write data to the binary stream out, all of it, through its file descriptor when it has
-    one: a BufferedWriter's write() drops bytes when a signal whose handler returns interrupts
-    a large write to a pipe (seen on CPython 3.6 and 3.11)."""
-    out.flush()
-    try:
-        fd = out.fileno()
-    except (AttributeError, io.UnsupportedOperation):
-        out.write(data)
-        out.flush()
-        return
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _queue_spec(args, words, ids):
@@ -6245,7 +6257,7 @@ def _queue_ids(client, args):
 
 
 def _submit_from_args(client, args):
-    """Queue the job of a run command line; says once on stderr if it has to wait."""
+    """Queue the job of a command line; returns its id."""
     if not args.command:
         raise ConfigError("no command given: jobsched %s [options] -- COMMAND [ARG...]" % args.cmd)
     (job_id,) = client.submit([_queue_spec(args, args.command, _queue_ids(client, args))])
@@ -6386,7 +6398,7 @@ _STOP_SIGNALS = _StopSignals()
 
 def _place_job(client, args):
     """Queue the job the command line describes (it starts at once if a slot is free); returns
-    its id, having said on stderr if it has to wait."""
+    its id (_announce says if it has to wait)."""
     return _submit_from_args(client, args)
 
 
@@ -6430,15 +6442,21 @@ def _place_and_run(client, args):
         except Unreachable as e:  # the submit may have reached the scheduler: outcome unknown
             _say("error: %s" % e)
             return 255
-    noted = _STOP_SIGNALS.take()
-    return _run_to_the_end(client, job_id, args, "interrupt" if noted == signal.SIGINT else noted)
+    return _run_to_the_end(client, job_id, args, _stop_reason(_STOP_SIGNALS.take()))
+
+
+def _stop_reason(signum):
+    """What _run_to_the_end calls a stop signal: "interrupt" for SIGINT, else its number."""
+    return "interrupt" if signum == signal.SIGINT else signum
 
 
 def _with_stop_signals(func, *args):
     """func(*args) with SIGTERM and SIGHUP raising _Signalled, as SIGINT raises
-    KeyboardInterrupt, except in _STOP_SIGNALS' held blocks."""
+    KeyboardInterrupt, except in _STOP_SIGNALS' held blocks; a signal ignored at start (nohup,
+    a background job of a script) stays ignored."""
     handlers = {signum: signal.signal(signum, _STOP_SIGNALS.handle)
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(signum) != signal.SIG_IGN}  # as a shell's background job
     try:
         return func(*args)
     finally:
@@ -6451,7 +6469,8 @@ def _run_to_the_end(client, job_id, args, stop_asked=None):
     stop_asked: what asked run to stop the job: "interrupt", "pipe" or a signal number. The
     except clauses only note a signal: what they did could itself be cut short by the next."""
     follower = _Follower(client, job_id, patience=args.reconnect, quiet=args.quiet, known=True)
-    announced = stopped = told = pipe_closed = False
+    announced = stop_asked is not None  # stopped before it was announced: a queued job is
+    stopped = told = pipe_closed = False  # cancelled at once, not waited for
     while True:
         try:
             if stop_asked is not None and stop_asked != "pipe" and not told:
@@ -6480,8 +6499,8 @@ def _run_to_the_end(client, job_id, args, stop_asked=None):
         except BrokenPipeError:
             pipe_closed = True
             _stdout_closed()
-            if stop_asked is None:
-                stop_asked = "pipe"
+            if stop_asked is None:  # a signal noted as the write failed counts first
+                stop_asked = _stop_reason(_STOP_SIGNALS.take()) or "pipe"
         except _LostTrack:
             _say("lost the scheduler; " + follower.resume_hint())
             return 255
@@ -6626,13 +6645,14 @@ def _await_fan_out(client, jobs, stdout_closed, stop_asked=None):
     once, as does another signal once the stops are sent. Returns the number of the signal that
     stopped them (SIGTERM, SIGHUP), else None. The except clause only notes a signal: what it
     did could itself be cut short by the next one."""
-    stops = None
+    stops, told = None, False
     while True:
         try:
             if stops is None and (stop_asked is not None or stdout_closed.is_set()):
+                if stop_asked is not None and not told:
+                    told = True
+                    print("jobsched: stopping %d jobs" % len(jobs), file=sys.stderr)
                 with _STOP_SIGNALS:  # the stopping threads are started whole
-                    if stop_asked is not None:
-                        print("jobsched: stopping %d jobs" % len(jobs), file=sys.stderr)
                     stops = _stop_fan_out(client, jobs)
                 _STOP_SIGNALS.raise_noted()
             # Events, not Thread.join(): a join that Ctrl-C interrupts can mark a thread

@@ -2585,19 +2585,20 @@ class StopSignalTest(ClusterTestCase):
         self.scheduler_, workers, self.c = self.cluster(workers=2, slots=4)
         self.marker = os.path.join(self.tempdir(), "now")
 
-    def run_patched(self, patch, args):
+    def run_patched(self, patch, args, read=True, preexec_fn=None):
         """`jobsched.py ARGS` with PATCH run first (it may create self.marker: the window is
-        open); returns (proc, stdout chunks read by a thread, that thread)."""
+        open); returns (proc, stdout chunks read by a thread, that thread); read=False: its
+        stdout is a pipe nobody reads."""
         code = ("import io, os, sys, time\nsys.path.insert(0, %r)\nimport jobsched\n"
                 "MARKER = %r\n%s\nsys.exit(jobsched.main(sys.argv[1:]))\n"
                 % (HERE, self.marker, textwrap.dedent(patch)))
         proc = subprocess.Popen([sys.executable, "-c", code] + list(args),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE,
+                                stderr=subprocess.PIPE, preexec_fn=preexec_fn,
                                 env=cli_env(JOBSCHED_SCHEDULER=self.scheduler_.address))
         chunks = []
         reader = threading.Thread(
-            target=lambda: chunks.extend(iter(lambda: proc.stdout.read(65536), b"")))
+            target=lambda: read and chunks.extend(iter(lambda: proc.stdout.read(65536), b"")))
         reader.start()
         self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(), reader.join(),
                                  proc.stdout.close(), proc.stderr.close()))
@@ -2654,7 +2655,8 @@ class StopSignalTest(ClusterTestCase):
                  "data = b''.join(b'%%d\\n' %% i for i in range(1, 1500001))\n"
                  "print('ready', file=sys.stderr, flush=True)\n"
                  "for k in range(0, len(data), 1 << 20):\n"
-                 "    jobsched._write_whole(sys.stdout.buffer, data[k:k + (1 << 20)])\n" % HERE)
+                 "    jobsched._Follower(None, 'job')._write(sys.stdout.buffer, data[k:k + (1 << 20)])\n"
+                 % HERE)
         proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(),
@@ -2706,6 +2708,56 @@ class StopSignalTest(ClusterTestCase):
                     for job in placed:
                         ended = self.wait_done(self.c, job["job_id"])
                         self.assertEqual(ended["state"], "stopped")
+
+    def new_jobs(self, known, count, state):
+        return wait_until(lambda: (lambda jobs: jobs if len(jobs) == count else None)(
+            [job for job in self.c.jobs() if job["job_id"] not in known and job["state"] == state]),
+            message="%d new %s jobs" % (count, state))
+
+    def test_a_signal_while_a_queued_job_is_placed_cancels_it_at_once(self):
+        for _ in range(8):  # every slot of the two workers
+            self.c.start("", "sleep", "", {"args": ["300"]})
+        known = {job["job_id"] for job in self.c.jobs()}
+        patch = """
+            submit = jobsched.Client.submit
+            def slowly(*args, **kwargs):
+                result = submit(*args, **kwargs)
+                open(MARKER, "w").close()
+                time.sleep(2)
+                return result
+            jobsched.Client.submit = slowly
+            """
+        proc, _, _ = self.run_patched(patch, ["run", "--", "true"])
+        self.when_open(proc)
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(timeout=30), 130, proc.stderr.read().decode())
+        self.new_jobs(known, 1, "cancelled")
+
+    def test_one_signal_stops_the_job_while_stdout_is_not_read(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with self.subTest(signal=signum):
+                known = {job["job_id"] for job in self.c.jobs()}
+                proc, _, _ = self.run_patched("", ["run", "--", "sh", "-c",
+                                                   "seq 1 400000; sleep 300"], read=False)
+                (job,) = self.new_jobs(known, 1, "running")
+                time.sleep(1.0)  # run is blocked writing to the full pipe
+                proc.send_signal(signum)
+                self.assertEqual(self.wait_done(self.c, job["job_id"])["state"], "stopped")
+                proc.kill()
+
+    def test_run_started_ignoring_sigint_keeps_its_job(self):
+        # A script's background job (`jobsched.py run ... &`) starts with SIGINT ignored.
+        known = {job["job_id"] for job in self.c.jobs()}
+        proc, _, _ = self.run_patched("", ["run", "--", "sleep", "300"],
+                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        (job,) = self.new_jobs(known, 1, "running")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        self.assertIsNone(proc.poll())
+        self.assertEqual(self.c.query(job["job_id"])["state"], "running")
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=30), 143)
+        self.assertEqual(self.wait_done(self.c, job["job_id"])["state"], "stopped")
 
     def test_a_second_sigterm_while_run_says_it_is_stopping(self):
         # Each write to stderr takes 0.5 s: the second SIGTERM lands in "stopping job ...".
