@@ -6661,6 +6661,8 @@ def _await_fan_out(client, jobs, stdout_closed, stop_asked=None):
             # next wait() or the follower's set().
             if all(job.followed.is_set() for job in jobs) and \
                     all(done.is_set() for done in stops or ()):
+                if stops is None and stdout_closed.is_set():
+                    continue  # closed as the last follower ended: the stops go out first
                 break
             time.sleep(0.02)
         except (KeyboardInterrupt, _Signalled) as e:
