@@ -6222,9 +6222,11 @@ class _Follower:
         try:
             fd = out.fileno()
         except (AttributeError, io.UnsupportedOperation):
-            out.write(data)
-            out.flush()
-            self.offset += len(data)
+            with _STOP_SIGNALS:
+                out.write(data)
+                out.flush()
+                self.offset += len(data)
+            _STOP_SIGNALS.raise_noted()
             return
         view = memoryview(data)
         while view:
@@ -6362,10 +6364,11 @@ def _raise_stop_signal(signum):
 class _StopSignals:
     """What run does with SIGINT, SIGTERM and SIGHUP (see _with_stop_signals). Outside a held
     block each raises in the main thread (KeyboardInterrupt, _Signalled), so that a long-poll
-    ends at once. Inside one (``with _STOP_SIGNALS:`` around a job being placed, or a chunk being
-    written and counted) the first is only noted, for take() once the block is done: raised
-    there, it could leave a placed job unknown or a written chunk uncounted. A second one
-    raises at once. Blocks do not nest."""
+    ends at once. Inside one (``with _STOP_SIGNALS:`` around a job being placed, or one write
+    and its count) none raises: the first is noted, for take() once the block is done, and
+    those after it in the same block count as that one (two can be handled at the same point,
+    right after a write they cut short). Raised there, a signal could leave a placed job
+    unknown or a written chunk uncounted. Blocks do not nest."""
     holding = False
     noted = None  # the signal number noted in a held block
 
@@ -6387,8 +6390,9 @@ class _StopSignals:
             _raise_stop_signal(signum)
 
     def handle(self, signum, frame):
-        if self.holding and self.noted is None:
-            self.noted = signum
+        if self.holding:
+            if self.noted is None:
+                self.noted = signum
             return
         _raise_stop_signal(signum)
 
@@ -6487,8 +6491,9 @@ def _run_to_the_end(client, job_id, args, stop_asked=None):
             job = follower.call(client.query, job_id)
             break
         except KeyboardInterrupt:
-            if _STOP_SIGNALS.take() is not None or stop_asked is not None:
-                raise  # a second Ctrl-C (the first may still be noted): exit at once
+            _STOP_SIGNALS.take()
+            if stop_asked is not None:
+                raise  # a second Ctrl-C: exit at once
             stop_asked = "interrupt"
         except _Signalled as e:
             _STOP_SIGNALS.take()

@@ -2678,6 +2678,33 @@ class StopSignalTest(ClusterTestCase):
         reader.join()
         self.assertEqual(b"".join(chunks), b"".join(b"%d\n" % i for i in range(1, 1500001)))
 
+    def test_two_signals_in_one_write_are_counted_once(self):
+        # stdout is a full pipe: the write blocks; two signals cut it short at once, and both
+        # handlers run right after it returns. The bytes it wrote must be counted.
+        child = ("import sys\nsys.path.insert(0, %r)\nimport jobsched\n"
+                 "follower = jobsched._Follower(None, 'job')\n"
+                 "def body():\n"
+                 "    try:\n"
+                 "        follower._write(sys.stdout.buffer, b'x' * (4 << 20))\n"
+                 "    except BaseException as e:\n"
+                 "        print(type(e).__name__, follower.offset, file=sys.stderr)\n"
+                 "jobsched._with_stop_signals(body)\n" % HERE)
+        for signals in ((signal.SIGINT, signal.SIGTERM), (signal.SIGHUP, signal.SIGINT)):
+            with self.subTest(signals=signals):
+                read_end, write_end = os.pipe()
+                proc = subprocess.Popen([sys.executable, "-c", child], stdout=write_end,
+                                        stderr=subprocess.PIPE)
+                os.close(write_end)
+                time.sleep(1.0)  # the pipe is full: the child waits in os.write
+                for signum in signals:
+                    os.kill(proc.pid, signum)
+                time.sleep(0.5)
+                with os.fdopen(read_end, "rb") as pipe:
+                    written = len(pipe.read())
+                error = proc.communicate(timeout=30)[1].decode().split()
+                first = "KeyboardInterrupt" if signals[0] == signal.SIGINT else "_Signalled"
+                self.assertEqual(error, [first, str(written)])
+
     def test_a_signal_while_the_job_is_placed_stops_it(self):
         # The submit (start_all) has placed the job(s) and takes 2 s more to come back.
         patch = """
