@@ -3078,6 +3078,9 @@ class WorkerRecord:
 
 MAX_SUBMIT_JOBS = 100000      # jobs one submit() may queue, arrays counted in full
 QUEUE_HISTORY = 100000        # ended queue jobs (and ends of other jobs) the scheduler remembers
+#: the refusal of a change asked for after the scheduler closed its journal
+SCHEDULER_SHUTTING_DOWN = ("the scheduler is shutting down: nothing was done; "
+                           "try again once it is back")
 COMPACT_MIN_BYTES = MiB       # the queue's journal is never rewritten below this size
 SCHEDULER_MAX_REQUEST = 32 * MiB  # a submit of 100000 one-line jobs is about 20 MB of XML
 
@@ -3756,8 +3759,12 @@ class JobQueue:
             self._flush()
 
     def jobs_ended(self, worker_id, structs):
-        """A worker's report of ended jobs (job structs); worker_id None: learnt by asking."""
+        """A worker's report of ended jobs (job structs); worker_id None: learnt by asking.
+        After close() a report is refused (Unavailable), not taken unwritten: its worker keeps
+        it and tells the restarted scheduler."""
         with self.journal_lock:
+            if self._closed and self.state_dir and worker_id is not None:
+                raise Unavailable(SCHEDULER_SHUTTING_DOWN)
             with self.lock:
                 self._full.discard(worker_id)
                 for struct in structs:
@@ -3946,8 +3953,7 @@ class JobQueue:
     def _write_line(self, text, sync):
         if self._journal is None:
             if self._closed and self.state_dir:  # a request still served after close()
-                raise OSError(errno.ESHUTDOWN, "the scheduler is shutting down: nothing was "
-                                               "done; try again once it is back")
+                raise OSError(errno.ESHUTDOWN, SCHEDULER_SHUTTING_DOWN)
             return  # in memory only, or replaying the journal
         data = text.encode("utf-8")
         view = memoryview(data)
@@ -4776,11 +4782,11 @@ class Scheduler(_Role):
         if not isinstance(jobs, list):
             raise BadRequest("jobs must be an array of job structs")
         jobs = [want_struct(job, "jobs[%d]" % i) for i, job in enumerate(jobs)]
+        self.queue.jobs_ended(worker_id, jobs)
         with self.workers_lock:
             rec = self._workers.get(worker_id)
             if rec is not None:  # until its next heartbeat tells the truth
                 rec.running = max(0, rec.running - len(jobs))
-        self.queue.jobs_ended(worker_id, jobs)
         if self.queue.has_work():  # a queued job may take the slot; else no thread to wake
             self._dispatch_wanted.set()
         self._count_finished([(job["job_id"], job.get("state", ""), job.get("finished_at", 0))

@@ -1061,6 +1061,23 @@ class SchedulerTest(ClusterTestCase):
         wait_until(lambda: c.workers()[0]["running"] == 1, timeout=2.5,
                    message="a heartbeat after the report")
 
+    def test_a_refused_end_report_is_sent_again(self):
+        refused = []
+        class RefusesOnce(jobsched.Scheduler):
+            def job_ended(self, worker_id, jobs):
+                if not refused:  # as a scheduler shutting down refuses it
+                    refused.append(jobs)
+                    raise jobsched.Unavailable(jobsched.SCHEDULER_SHUTTING_DOWN)
+                return super().job_ended(worker_id, jobs)
+        scheduler = self.scheduler(RefusesOnce, state_dir=self.tempdir())
+        self.worker(scheduler, heartbeat=30.0)
+        c = self.client(scheduler)
+        wait_until(lambda: c.workers(), message="the worker to register")
+        (job_id,) = c.submit([{"command": "true"}])
+        # wait() answers from the queue, which learns the end only from the report.
+        self.assertEqual(c.wait([job_id], 20), [{"job_id": job_id, "state": "succeeded"}])
+        self.assertEqual([job["job_id"] for job in refused[0]], [job_id])
+
     def test_job_index_packs_ids_keeps_the_newest_and_forgets_the_oldest(self):
         for name, value in (("JOB_INDEX_SEGMENT", 4), ("JOB_INDEX_LIMIT", 12)):
             self.addCleanup(setattr, jobsched, name, getattr(jobsched, name))
@@ -5514,12 +5531,19 @@ class QueueTest(ClusterTestCase):
         scheduler.server.park_after = 5.0
         client = self.client(scheduler)
         (before,) = client.submit([{"command": "true"}])
+        reporter = jobsched.RPCClient(scheduler.address)  # a worker's kept-alive connection
+        reporter.call("info")
         scheduler.close()
         error = fault_of(client.submit, [{"command": "true"}])
         self.assertIsInstance(error, jobsched.Unavailable)
         self.assertIn("shutting down: nothing was done", str(error))
         error = fault_of(client.stop, before)
         self.assertIsInstance(error, jobsched.Unavailable)
+        # A worker's report of an end is refused too: the worker keeps it for the next scheduler.
+        error = fault_of(reporter.call, "job_ended", "w1", [{"job_id": before, "state": "failed"}])
+        self.assertIsInstance(error, jobsched.Unavailable)
+        self.assertIn("shutting down: nothing was done", str(error))
+        reporter.close()
         client.close()
         again = self.client(self.scheduler(state_dir=state_dir))
         self.assertEqual(again.query(before)["state"], "queued")  # no worker: still waiting
