@@ -3130,6 +3130,7 @@ JOB_SPEC_FIELDS = {
     "name": want_str,
     "on": lambda value, name: parse_on(value, name),
     "all": lambda value, name: _want_bool(value, name),
+    "job_id": want_job_id,
 }
 
 
@@ -3159,6 +3160,12 @@ def parse_job_spec(spec, name):
             spec[key] = checked
     if "command" not in spec:
         raise BadRequest("%s.command is required" % name)
+    if "job_id" in spec:
+        if spec.get("all"):
+            raise BadRequest("%s.job_id cannot be given with all (a job per worker)" % name)
+        if "array" in spec and not spec["job_id"].endswith("-000000000000"):
+            raise BadRequest("%s.job_id of an array must end in -000000000000 (it is the id of "
+                             "index 0; the others count up in its last 12 digits)" % name)
     spec["command"] = sys.intern(spec["command"])  # the same command, many times over
     return spec
 
@@ -3362,22 +3369,48 @@ class JobQueue:
         the queue does not know to their state (None: not ended). Answers each spec's key (its
         job id, or the array's first 24 characters; see job_ids()), once they are on disk."""
         now, call_key = time.time(), str(uuid.uuid4())[:24]
-        keys = [str(uuid.uuid4())[:24] if "array" in spec else "%s%012x" % (call_key, k)
+        given = {k: spec.pop("job_id") for k, spec in enumerate(specs) if "job_id" in spec}
+        if len(set(given.values())) < len(given):
+            raise BadRequest("a job_id is given twice in one submit")
+        keys = [(given[k][:24] if "array" in spec else given[k]) if k in given
+                else str(uuid.uuid4())[:24] if "array" in spec else "%s%012x" % (call_key, k)
                 for k, spec in enumerate(specs)]
         with self.journal_lock:
-            first, self._seq = self._seq, self._seq + len(specs)
-            line = json.dumps({"b": {"ids": keys, "seq": first, "at": now, "specs": specs}},
+            with self.lock:  # a caller's job id submitted again is not queued again
+                new = [(key, spec) for k, (key, spec) in enumerate(zip(keys, specs))
+                       if k not in given or not self._submitted_before(given[k], key, spec)]
+            if not new:
+                return keys
+            first, self._seq = self._seq, self._seq + len(new)
+            line = json.dumps({"b": {"ids": [key for key, _ in new], "seq": first, "at": now,
+                                     "specs": [spec for _, spec in new]}},
                               separators=(",", ":")) + "\n"
             try:
                 self._write_line(line, sync=True)
             except OSError as e:
                 raise self._unwritten(e)
             with self.lock:
-                for seq, (key, spec) in enumerate(zip(keys, specs), first):
-                    entry = self._add(QueueEntry(key, seq, now, spec), len(line) // len(specs))
+                for seq, (key, spec) in enumerate(new, first):
+                    entry = self._add(QueueEntry(key, seq, now, spec), len(line) // len(new))
                     self._wait_for_dependencies(entry, dep_states)
             self._flush()
         return keys
+
+    def _submitted_before(self, job_id, key, spec):
+        """True if job_id, given by the caller for spec (queued under key), is a job this queue
+        has had: the same submit sent again (its answer was lost), not to be queued twice.
+        Fault 2 if the id was another job's (under lock)."""
+        found = self._find(job_id)
+        if found is None:
+            if job_id in self._ended_elsewhere:
+                raise BadRequest("job_id %s is taken by a job started without the queue"
+                                 % job_id)
+            return False
+        entry, canonical = found[0], functools.partial(json.dumps, sort_keys=True)
+        if entry.key != key or canonical(entry.spec) != canonical(spec):  # as after a restart
+            raise BadRequest("job_id %s is taken by another job: give each job a new UUID"
+                             % job_id)
+        return True
 
     def _add(self, entry, size):
         entry.size = size
@@ -6264,14 +6297,6 @@ def _queue_ids(client, args):
             "after": [_resolve(client, job_id, "job") for job_id in getattr(args, "after", ())]}
 
 
-def _submit_from_args(client, args):
-    """Queue the job of a command line; returns its id."""
-    if not args.command:
-        raise ConfigError("no command given: jobsched %s [options] -- COMMAND [ARG...]" % args.cmd)
-    (job_id,) = client.submit([_queue_spec(args, args.command, _queue_ids(client, args))])
-    return job_id
-
-
 def _read_job_lines(path):
     """The command lines of a --file: one job a line, split like a shell would, blank lines
     and # comments skipped."""
@@ -6361,6 +6386,11 @@ class _Signalled(BaseException):
         self.signum = signum
 
 
+def _interrupted_status(e):
+    """The exit status of a command ended by KeyboardInterrupt or _Signalled e."""
+    return 128 + e.signum if isinstance(e, _Signalled) else 130
+
+
 def _raise_stop_signal(signum):
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
@@ -6406,12 +6436,6 @@ class _StopSignals:
 _STOP_SIGNALS = _StopSignals()
 
 
-def _place_job(client, args):
-    """Queue the job the command line describes (it starts at once if a slot is free); returns
-    its id (_announce says if it has to wait)."""
-    return _submit_from_args(client, args)
-
-
 def _announce(client, job_id, follower, quiet):
     """Say once if the job waits in the queue, and where it runs once it runs (unless quiet),
     so that it can always be found again."""
@@ -6444,14 +6468,24 @@ def cmd_run(args):
 
 
 def _place_and_run(client, args):
-    with _STOP_SIGNALS:  # a signal while the job is placed waits: the job must be known to stop it
+    if not args.command:
+        raise ConfigError("no command given: jobsched run [options] -- COMMAND [ARG...]")
+    spec = _queue_spec(args, args.command, _queue_ids(client, args))
+    job_id = spec["job_id"] = str(uuid.uuid4())
+
+    def submit():  # a signal during the call waits for its answer: the job must be known
         try:
-            job_id = _place_job(client, args)
-        except (Unauthorized, _PlainHTTPToTLS):
+            with _STOP_SIGNALS:
+                return client.submit([spec])[0]
+        except Unavailable:  # Unreachable too: no answer, or a refusal that may pass
+            _STOP_SIGNALS.raise_noted()  # and asked to stop: no more tries
             raise
-        except Unreachable as e:  # the submit may have reached the scheduler: outcome unknown
-            _say("error: %s" % e)
-            return 255
+    try:  # sent again while it fails for a reason that may pass: the queue takes an id once
+        job_id = _Follower(client, job_id, patience=args.reconnect, quiet=args.quiet).call(submit)
+    except (KeyboardInterrupt, _Signalled, _LostTrack) as e:
+        _say("%sjob %s may have been queued: see jobsched.py query %s, and stop it if it was"
+             % ("error: %s; " % e if isinstance(e, _LostTrack) else "", job_id, job_id))
+        return 255 if isinstance(e, _LostTrack) else _interrupted_status(e)
     return _run_to_the_end(client, job_id, args, _stop_reason(_STOP_SIGNALS.take()))
 
 
@@ -7150,12 +7184,9 @@ def main(argv=None):
     except JobschedError as e:
         print("jobsched: error: %s" % e, file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("jobsched: interrupted", file=sys.stderr)
-        return 130
-    except _Signalled as e:  # a second SIGTERM or SIGHUP while run was stopping its job
-        print("jobsched: interrupted", file=sys.stderr)
-        return 128 + e.signum
+    except (KeyboardInterrupt, _Signalled) as e:  # _Signalled: a second SIGTERM or SIGHUP
+        print("jobsched: interrupted", file=sys.stderr)  # while run was stopping its job
+        return _interrupted_status(e)
     except BrokenPipeError:
         return _stdout_closed()
 

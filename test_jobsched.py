@@ -5548,6 +5548,55 @@ class QueueTest(ClusterTestCase):
         again = self.client(self.scheduler(state_dir=state_dir))
         self.assertEqual(again.query(before)["state"], "queued")  # no worker: still waiting
 
+    def test_a_submit_sent_again_with_its_job_ids_queues_each_job_once(self):
+        state_dir = self.tempdir()
+        scheduler = self.scheduler(state_dir=state_dir)
+        client = self.client(scheduler)  # no worker: every job stays queued
+        one = str(uuid.uuid4())
+        array = str(uuid.uuid4())[:24] + "000000000000"
+        specs = [{"command": "true", "job_id": one},
+                 {"command": "echo", "args": ["x"], "array": 3, "job_id": array.upper()}]
+        ids = [one] + [array[:24] + "%012x" % i for i in range(3)]
+        self.assertEqual(client.submit(specs), ids)
+        self.assertEqual(client.submit(specs), ids)  # its answer was lost: sent again
+        (other,) = client.submit([{"command": "true"}])  # made by the scheduler, as before
+        self.assertEqual(client.submit(specs[:1] + [{"command": "true"}])[0], one)
+        self.assertEqual(len(client.jobs()), 6)
+        cases = [
+            ([{"command": "false", "job_id": one}], "job_id %s is taken by another job" % one),
+            ([{"command": "false", "job_id": other}], "job_id %s is taken by another job" % other),
+            ([{"command": "true", "job_id": array}], "job_id %s is taken by another job" % array),
+            ([{"command": "true", "job_id": "x"}], "jobs[0].job_id must be a UUID, not 'x'"),
+            ([{"command": "true", "array": 2, "job_id": one}],
+             "jobs[0].job_id of an array must end in -000000000000"),
+            ([{"command": "true", "all": True, "job_id": array}],
+             "jobs[0].job_id cannot be given with all"),
+            ([{"command": "true", "job_id": array[:24] + "00000000000a"}] * 2,
+             "a job_id is given twice in one submit"),
+        ]
+        for jobs, message in cases:
+            with self.subTest(jobs=jobs):
+                error = fault_of(client.submit, jobs)
+                self.assertIsInstance(error, jobsched.BadRequest)
+                self.assertEqual(str(error)[:len(message)], message)
+        self.assertEqual(len(client.jobs()), 6)
+        client.close()
+        scheduler.close()
+        # The journal keeps the ids given: after a restart, the same submit is still a retry.
+        again = self.client(self.scheduler(state_dir=state_dir))
+        self.assertEqual(again.submit(specs), ids)
+        self.assertEqual(len(again.jobs()), 6)
+        self.assertEqual(again.query(array[:24] + "000000000002")["args"], ["x"])
+
+    def test_a_job_id_of_a_job_started_without_the_queue_is_refused(self):
+        scheduler, _, c = self.cluster(workers=1)
+        job_id = c.start("", "true", "")
+        self.wait_done(c, job_id)
+        wait_until(lambda: c.wait([job_id], 0), message="its end to be reported")
+        error = fault_of(c.submit, [{"command": "true", "job_id": job_id}])
+        self.assertIsInstance(error, jobsched.BadRequest)
+        self.assertIn("job_id %s is taken by a job started without the queue" % job_id, str(error))
+
     def test_submit_refuses_bad_specs_naming_them(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
         client = self.client(scheduler)
@@ -5901,6 +5950,42 @@ class OutputReplyTest(unittest.TestCase):
 
 class QueueCommandLineTest(ClusterTestCase):
     """The queue from the command line: prefixes, stopping queued jobs, bad input, metrics."""
+
+    def test_run_sends_a_submit_whose_answer_was_lost_again_and_the_job_runs_once(self):
+        lost = []
+        class LosesTheFirstAnswer(jobsched.Scheduler):
+            def _submit(self, jobs):  # what submit() and its fast reply both call
+                answer = super()._submit(jobs)
+                if not lost:  # queued; the answer comes after the client gave up on it
+                    lost.append(list(jobsched.expand_job_ids(*answer)))
+                    time.sleep(2.5)
+                return answer
+        scheduler = self.scheduler(LosesTheFirstAnswer, state_dir=self.tempdir())
+        self.worker(scheduler)
+        client = self.client(scheduler)
+        wait_until(lambda: client.workers(), message="the worker to register")
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        done = self.cli("run", "--rpc-timeout", "1", "--", "echo", "once", env=env)
+        self.assertEqual((done.returncode, done.stdout), (0, b"once\n"), done.stderr)
+        self.assertIn(b"timed out", done.stderr)
+        self.assertIn(b"jobsched: reconnected", done.stderr)
+        self.assertEqual([job["job_id"] for job in client.jobs()], lost[0])
+        # Given up: the line names the job to look for.
+        scheduler.close()
+        done = self.cli("run", "--reconnect", "0.5", "--", "true", env=env)
+        self.assertEqual(done.returncode, 255, done.stderr)
+        self.assertRegex(done.stderr.decode(), r"jobsched: error: cannot reach [^\n]*; job "
+                         r"([-0-9a-f]{36}) may have been queued: see jobsched.py query \1, and "
+                         r"stop it if it was\n$")
+        # Ctrl-C between two tries: no more tries, the same line, 130.
+        proc = popen_jobsched(self, ("run", "--", "true"), env=env)
+        stderr = type("Stderr", (), {"stdout": proc.stderr})  # read_until reads .stdout
+        self.assertIn(b"retrying for up to 60 s", read_until(stderr, b" s\n"))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertRegex(err.decode(), r"^jobsched: job ([-0-9a-f]{36}) may have been queued: "
+                                       r"see jobsched.py query \1, and stop it if it was\n$")
 
     def test_queued_jobs_from_the_command_line(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
