@@ -7191,5 +7191,21 @@ def main(argv=None):
         return _stdout_closed()
 
 
+def _exit_at_once_on_signals(status):
+    """Once a command run as a script has returned status, its work is done and said: a SIGINT,
+    SIGTERM or SIGHUP that comes while the interpreter shuts down ends the process at once with
+    that status, instead of a KeyboardInterrupt traceback or a death by the signal. Its output
+    must be flushed before (os._exit() flushes nothing)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, lambda signum, frame: os._exit(status))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _status = main()
+    try:
+        _flush_std()
+    except (OSError, ValueError):
+        pass  # stdout closed: nothing more can be said
+    _exit_at_once_on_signals(_status)
+    sys.exit(_status)

@@ -2664,6 +2664,23 @@ class StopSignalTest(ClusterTestCase):
                 self.assertEqual(len(lines), 300000)
                 self.assertEqual(lines, [str(i) for i in range(1, 300001)])
 
+    def test_a_signal_once_run_has_returned_ends_it_with_its_status_and_no_traceback(self):
+        # The signal lands as the script exits, after main() has restored the handlers.
+        code = ("import os, runpy, signal, sys, time\n"
+                "real_exit = sys.exit\n"
+                "def exit_after_a_signal(status):\n"
+                "    os.kill(os.getpid(), signal.SIGINT)\n"
+                "    time.sleep(2)\n"
+                "    real_exit(status)\n"
+                "sys.exit = exit_after_a_signal\n"
+                "sys.argv = [%r, 'run', '--', 'sh', '-c', 'echo out; exit 3']\n"
+                "runpy.run_path(%r, run_name='__main__')\n" % (JOBSCHED, JOBSCHED))
+        done = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                              env=cli_env(JOBSCHED_SCHEDULER=self.scheduler_.address))
+        self.assertEqual((done.returncode, done.stdout), (3, b"out\n"), done.stderr)
+        self.assertNotIn(b"Traceback", done.stderr)
+
     def test_output_written_whole_while_signals_come(self):
         # What copy() writes with: to a pipe read slowly, with signals whose handler returns
         # landing in the writes (a BufferedWriter's write() loses bytes then).
