@@ -507,6 +507,9 @@ class ResilienceTest(ClusterTestCase):
         for i in range(5):
             ids.append(worker.start("sh", "", {"args": ["-c", "echo job %d" % i]}))
             self.wait_done(worker, ids[-1])
+            # Retention goes by the order records are written: the next job must not end first.
+            wait_until(lambda: os.path.exists(os.path.join(state_dir, ids[-1] + ".json")),
+                       message="the record of job %d" % i)
         wait_until(lambda: all(isinstance(fault_of(worker.query, j), jobsched.NotFound)
                                for j in ids[:2]), message="the oldest two to expire")
         for i, job_id in enumerate(ids[2:], 2):
@@ -4399,7 +4402,10 @@ class WorkerHardeningTest(ClusterTestCase):
         client.start("sh", "", dict(sh_args("echo kept; exit 3"), job_id=job_id))
         self.wait_done(client, job_id)
         for _ in range(2):  # more recorded jobs than --keep-jobs, and journal rewrites
-            self.wait_done(client, client.start("true", ""))
+            done_id = self.wait_done(client, client.start("true", ""))["job_id"]
+            # Retention goes by the order records are written: the next job must not end first.
+            wait_until(lambda: os.path.exists(os.path.join(state_dir, done_id + ".json")),
+                       message="the record of %s" % done_id)
         self.assertTrue(os.path.exists(os.path.join(state_dir, job_id + ".out")))
         def final_line():  # appended by the waiter when the record fails, just after the end
             with open(os.path.join(state_dir, "journal"), "rb") as f:
