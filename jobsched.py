@@ -3134,6 +3134,12 @@ JOB_SPEC_FIELDS = {
 }
 
 
+def _key_of_given(job_id, spec):
+    """The queue's key of a spec whose job id the caller gave: the id, or for an array (whose
+    id ends in -000000000000) its first 24 characters."""
+    return job_id[:24] if "array" in spec else job_id
+
+
 def expand_job_ids(keys, specs, form="%s"):
     """Yield form % job_id for each job of specs, given the keys JobQueue.submit() answered
     for them: one for a spec, one per index for an array, in order."""
@@ -3369,16 +3375,12 @@ class JobQueue:
         the queue does not know to their state (None: not ended). Answers each spec's key (its
         job id, or the array's first 24 characters; see job_ids()), once they are on disk."""
         now, call_key = time.time(), str(uuid.uuid4())[:24]
-        given = {k: spec.pop("job_id") for k, spec in enumerate(specs) if "job_id" in spec}
-        if len(set(given.values())) < len(given):
-            raise BadRequest("a job_id is given twice in one submit")
-        keys = [(given[k][:24] if "array" in spec else given[k]) if k in given
-                else str(uuid.uuid4())[:24] if "array" in spec else "%s%012x" % (call_key, k)
-                for k, spec in enumerate(specs)]
         with self.journal_lock:
-            with self.lock:  # a caller's job id submitted again is not queued again
-                new = [(key, spec) for k, (key, spec) in enumerate(zip(keys, specs))
-                       if k not in given or not self._submitted_before(given[k], key, spec)]
+            had = self.had(specs)  # a caller's job id submitted again is not queued again
+            keys = [_key_of_given(spec.pop("job_id"), spec) if "job_id" in spec
+                    else str(uuid.uuid4())[:24] if "array" in spec else "%s%012x" % (call_key, k)
+                    for k, spec in enumerate(specs)]
+            new = [(key, spec) for k, (key, spec) in enumerate(zip(keys, specs)) if k not in had]
             if not new:
                 return keys
             first, self._seq = self._seq, self._seq + len(new)
@@ -3396,18 +3398,33 @@ class JobQueue:
             self._flush()
         return keys
 
-    def _submitted_before(self, job_id, key, spec):
-        """True if job_id, given by the caller for spec (queued under key), is a job this queue
-        has had: the same submit sent again (its answer was lost), not to be queued twice.
-        Fault 2 if the id was another job's (under lock)."""
-        found = self._find(job_id)
+    def had(self, specs):
+        """The indices of the parsed specs whose ``job_id`` (given by the caller) this queue has
+        had: the same spec submitted again, its answer lost, not to be queued twice. Fault 2 if
+        such an id, or one of an array's, was another job's, or twice in specs."""
+        given = [spec["job_id"] for spec in specs if "job_id" in spec]
+        if len(set(given)) < len(given):
+            raise BadRequest("a job_id is given twice in one submit")
+        if not given:
+            return set()
+        with self.lock:
+            return {k for k, spec in enumerate(specs) if "job_id" in spec and self._had(spec)}
+
+    def _had(self, spec):
+        job_id, canonical = spec["job_id"], functools.partial(json.dumps, sort_keys=True)
+        key = _key_of_given(job_id, spec)
+        item = self._ids.get(key) if "array" in spec else None
+        found = (item, 0, None) if isinstance(item, QueueEntry) else self._find(job_id)
         if found is None:
-            if job_id in self._ended_elsewhere:
-                raise BadRequest("job_id %s is taken by a job started without the queue"
-                                 % job_id)
+            taken = [job_id] if "array" not in spec else (
+                "%s%012x" % (key, i) for i in range(spec["array"]))
+            for one in taken:  # an array's ids may have been given to single jobs
+                if one in self._ids or one in self._ended_elsewhere:
+                    raise BadRequest("job_id %s is taken by another job: give each job a new "
+                                     "UUID" % one)
             return False
-        entry, canonical = found[0], functools.partial(json.dumps, sort_keys=True)
-        if entry.key != key or canonical(entry.spec) != canonical(spec):  # as after a restart
+        mine = {name: value for name, value in spec.items() if name != "job_id"}
+        if found[0].key != key or canonical(found[0].spec) != canonical(mine):  # as on disk
             raise BadRequest("job_id %s is taken by another job: give each job a new UUID"
                              % job_id)
         return True
@@ -4014,7 +4031,11 @@ class JobQueue:
         with self.lock:
             entries = list(self._entries) + [item for item in self._history if isinstance(
                 item, QueueEntry) and item.cancelled is not None]
-            jobs = [item for item in self._ids.values() if isinstance(item, QueueJob)]
+            # The ended ones in the order they are forgotten in, as the history replays them.
+            jobs = [item for item in self._ids.values()
+                    if isinstance(item, QueueJob) and item.state != "ended"]
+            jobs += [item for item in self._history if isinstance(item, QueueJob)
+                     and self._ids.get(item.job_id) is item]
         lines = []
         for start in range(0, len(entries), 1000):
             specs = []
@@ -4114,8 +4135,8 @@ class JobQueue:
         entries += [QueueEntry.from_record(spec) for spec in record.get("s", ())]
         for entry in entries:
             self._seq = max(self._seq, entry.seq + 1)
-            if entry.key not in self._ids:
-                self._add(entry, size // len(entries))
+            if batch or entry.key not in self._ids:  # a submitted id is new, or one forgotten
+                self._add(entry, size // len(entries))  # and given again: the newer one wins
         spent = {}
         for job_id, spec, index, state, worker_id, outcome in record.get("j", ()):
             entry = self._ids.get(spec["id"])
@@ -4767,10 +4788,19 @@ class Scheduler(_Role):
             specs = self._spread(specs)
         if sum(spec.get("array", 1) for spec in specs) > MAX_SUBMIT_JOBS:
             raise BadRequest("at most %d jobs per submit, arrays counted in full" % MAX_SUBMIT_JOBS)
+        had = self.queue.had(specs)  # sent again: checked when it was queued (before a restart)
         with self.workers_lock:
             known_workers = set(self._workers)
+            started = {spec["job_id"]: self._job_index.get(spec["job_id"]) for k, spec
+                       in enumerate(specs) if "job_id" in spec and k not in had}
         dep_states = {}
         for i, spec in enumerate(specs):
+            if i in had:
+                continue
+            if started.get(spec.get("job_id")):
+                raise BadRequest("jobs[%d].job_id %s is taken by a job started on worker %s: "
+                                 "give each job a new UUID"
+                                 % (i, spec["job_id"], started[spec["job_id"]]))
             if spec.get("worker_id") and spec["worker_id"] not in known_workers:
                 raise NotFound("jobs[%d].worker_id: worker not found: %s"
                                % (i, _short(spec["worker_id"])))
@@ -6468,24 +6498,40 @@ def cmd_run(args):
 
 
 def _place_and_run(client, args):
+    """Submit the job under an id made here, then follow it (_run_to_the_end). A submit that
+    fails for a reason that may pass is sent again, as _Follower.call() retries: the queue takes
+    an id once. Each call is a held block, so that a signal during it waits for the answer."""
     if not args.command:
         raise ConfigError("no command given: jobsched run [options] -- COMMAND [ARG...]")
-    spec = _queue_spec(args, args.command, _queue_ids(client, args))
-    job_id = spec["job_id"] = str(uuid.uuid4())
+    job_id = str(uuid.uuid4())
+    placer = _Follower(client, job_id, patience=args.reconnect, quiet=args.quiet)
+    placed, sent = [], []  # its answer; a call that may have reached the scheduler
 
-    def submit():  # a signal during the call waits for its answer: the job must be known
+    def submit(spec):
         try:
             with _STOP_SIGNALS:
-                return client.submit([spec])[0]
-        except Unavailable:  # Unreachable too: no answer, or a refusal that may pass
+                placed.append(client.submit([spec])[0])
+                return placed[0]
+        except Unavailable as e:  # Unreachable too: no answer, or a refusal that may pass
+            sent.append(isinstance(e, OutcomeUnknown))
             _STOP_SIGNALS.raise_noted()  # and asked to stop: no more tries
             raise
-    try:  # sent again while it fails for a reason that may pass: the queue takes an id once
-        job_id = _Follower(client, job_id, patience=args.reconnect, quiet=args.quiet).call(submit)
+    try:
+        spec = _queue_spec(args, args.command, placer.call(_queue_ids, client, args))
+        spec["job_id"] = job_id
+        placer.call(submit, spec)
     except (KeyboardInterrupt, _Signalled, _LostTrack) as e:
+        if placed:  # answered: a signal after the hold stops the job like any other
+            signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else e.signum
+            return _run_to_the_end(client, job_id, args,
+                                   _stop_reason(_STOP_SIGNALS.take() or signum))
+        lost = "error: %s; " % e if isinstance(e, _LostTrack) else ""
+        if not any(sent):
+            _say("%snothing was queued" % (lost or "interrupted; "))
+            return 1 if lost else _interrupted_status(e)
         _say("%sjob %s may have been queued: see jobsched.py query %s, and stop it if it was"
-             % ("error: %s; " % e if isinstance(e, _LostTrack) else "", job_id, job_id))
-        return 255 if isinstance(e, _LostTrack) else _interrupted_status(e)
+             % (lost, job_id, job_id))
+        return 255 if lost else _interrupted_status(e)
     return _run_to_the_end(client, job_id, args, _stop_reason(_STOP_SIGNALS.take()))
 
 

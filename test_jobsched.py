@@ -5583,8 +5583,14 @@ class QueueTest(ClusterTestCase):
         self.assertEqual(client.submit(specs), ids)
         self.assertEqual(client.submit(specs), ids)  # its answer was lost: sent again
         (other,) = client.submit([{"command": "true"}])  # made by the scheduler, as before
+        inside = str(uuid.uuid4())[:24]  # a single job, then an array whose range holds its id
+        client.submit([{"command": "true", "job_id": inside + "000000000002"}])
+        error = fault_of(client.submit, [{"command": "true", "array": 3,
+                                          "job_id": inside + "000000000000"}])
+        self.assertEqual(str(error), "job_id %s000000000002 is taken by another job: give each "
+                                     "job a new UUID" % inside)
         self.assertEqual(client.submit(specs[:1] + [{"command": "true"}])[0], one)
-        self.assertEqual(len(client.jobs()), 6)
+        self.assertEqual(len(client.jobs()), 7)
         cases = [
             ([{"command": "false", "job_id": one}], "job_id %s is taken by another job" % one),
             ([{"command": "false", "job_id": other}], "job_id %s is taken by another job" % other),
@@ -5596,29 +5602,110 @@ class QueueTest(ClusterTestCase):
              "jobs[0].job_id cannot be given with all"),
             ([{"command": "true", "job_id": array[:24] + "00000000000a"}] * 2,
              "a job_id is given twice in one submit"),
+            ([{"command": "true", "array": 2, "job_id": other[:24] + "000000000000"}],
+             "job_id %s is taken by another job" % other),  # the id of its index 0
+            ([{"command": "true", "array": 9, "job_id": array[:24] + "000000000000"}],
+             "job_id %s is taken by another job" % array),
         ]
         for jobs, message in cases:
             with self.subTest(jobs=jobs):
                 error = fault_of(client.submit, jobs)
                 self.assertIsInstance(error, jobsched.BadRequest)
                 self.assertEqual(str(error)[:len(message)], message)
-        self.assertEqual(len(client.jobs()), 6)
+        self.assertEqual(len(client.jobs()), 7)
         client.close()
         scheduler.close()
         # The journal keeps the ids given: after a restart, the same submit is still a retry.
         again = self.client(self.scheduler(state_dir=state_dir))
         self.assertEqual(again.submit(specs), ids)
-        self.assertEqual(len(again.jobs()), 6)
+        self.assertEqual(len(again.jobs()), 7)
         self.assertEqual(again.query(array[:24] + "000000000002")["args"], ["x"])
 
+    def short_history(self, n):
+        self.addCleanup(setattr, jobsched, "QUEUE_HISTORY", jobsched.QUEUE_HISTORY)
+        jobsched.QUEUE_HISTORY = n  # the ended jobs the queue remembers
+
+    def end_one(self, queue, worker_id, count=1):
+        """Hand count jobs to worker_id's slots (JobQueue directly) and report them ended."""
+        starts, _ = queue.plan([(worker_id, count, {})])
+        jobs = starts[worker_id]
+        queue.started(worker_id, jobs, [job.job_id for job in jobs])
+        queue.jobs_ended(worker_id, [{"job_id": job.job_id, "state": "succeeded"} for job in jobs])
+        return [job.job_id for job in jobs]
+
+    def test_an_array_sent_again_once_its_first_job_is_forgotten_is_not_queued_again(self):
+        self.short_history(3)
+        queue = jobsched.JobQueue(self.tempdir())
+        self.addCleanup(queue.close)
+        array = {"command": "echo", "array": 3, "worker_id": "w1",
+                 "job_id": str(uuid.uuid4())[:24] + "000000000000"}
+        queue.submit([dict(array)], {})
+        self.assertEqual(self.end_one(queue, "w1"), [array["job_id"]])
+        for _ in range(3):  # three more ends: index 0 leaves the history
+            queue.submit([{"command": "true", "worker_id": "w2"}], {})
+            self.end_one(queue, "w2")
+        self.assertFalse(queue.knows(array["job_id"]))
+        queue.submit([dict(array)], {})
+        self.assertEqual(len(queue), 2)  # indices 1 and 2, once each
+        starts, _ = queue.plan([("w1", 10, {})])
+        self.assertEqual(sorted(job.index for job in starts["w1"]), [1, 2])
+
+    def test_a_forgotten_job_id_given_again_is_queued_and_survives_compaction_and_restart(self):
+        self.short_history(2)
+        state_dir = self.tempdir()
+        queue = jobsched.JobQueue(state_dir)
+        x, y = str(uuid.uuid4()), str(uuid.uuid4())
+        for job_id in (y, x):
+            queue.submit([{"command": "true", "job_id": job_id, "worker_id": "w1"}], {})
+        starts, _ = queue.plan([("w1", 2, {})])
+        queue.started("w1", starts["w1"], [job.job_id for job in starts["w1"]])
+        for job_id in (x, y):  # x ends first: it is forgotten first
+            queue.jobs_ended("w1", [{"job_id": job_id, "state": "succeeded"}])
+        with queue.journal_lock:
+            queue._compact()  # as when the journal has grown
+        queue.submit([{"command": "true", "worker_id": "w2"}], {})
+        self.end_one(queue, "w2")
+        self.assertFalse(queue.knows(x))
+        self.assertTrue(queue.knows(y))
+        queue.submit([{"command": "true", "job_id": x, "worker_id": "w1"}], {})  # acknowledged
+        queue.submit([{"command": "true", "job_id": y, "worker_id": "w1"}], {})  # a retry
+        self.assertEqual((len(queue), queue.describe(x)[0]["state"]), (1, "queued"))
+        queue.close()
+        queue = jobsched.JobQueue(state_dir)
+        self.addCleanup(queue.close)
+        self.assertEqual((len(queue), queue.describe(x)[0]["state"]), (1, "queued"))
+        self.assertEqual(queue.describe(y)[0]["state"], "succeeded")
+
     def test_a_job_id_of_a_job_started_without_the_queue_is_refused(self):
-        scheduler, _, c = self.cluster(workers=1)
-        job_id = c.start("", "true", "")
-        self.wait_done(c, job_id)
-        wait_until(lambda: c.wait([job_id], 0), message="its end to be reported")
-        error = fault_of(c.submit, [{"command": "true", "job_id": job_id}])
-        self.assertIsInstance(error, jobsched.BadRequest)
-        self.assertIn("job_id %s is taken by a job started without the queue" % job_id, str(error))
+        scheduler, (worker,), c = self.cluster(workers=1)
+        running = c.start("", "sleep", "", {"args": ["30"]})
+        self.addCleanup(c.stop, running)
+        ended = c.start("", "true", "")
+        for job_id in (running, ended, ended):  # and once its end has been reported
+            error = fault_of(c.submit, [{"command": "true", "job_id": job_id}])
+            self.assertIsInstance(error, jobsched.BadRequest)
+            self.assertRegex(str(error), r"job_id %s is taken by (another job|a job started on "
+                                         r"worker %s)" % (job_id, worker.worker_id))
+            wait_until(lambda: c.wait([ended], 0), message="the end to be reported")
+
+    def test_a_pinned_job_sent_again_to_a_restarted_scheduler_is_found_not_refused(self):
+        state_dir = self.tempdir()
+        scheduler = self.scheduler(state_dir=state_dir)
+        worker = self.worker(scheduler, heartbeat=30.0)
+        client = self.client(scheduler)
+        wait_until(lambda: client.workers(), message="the worker to register")
+        (dep,) = client.submit([{"command": "sleep", "args": ["30"]}])
+        self.addCleanup(lambda: fault_of(self.client(worker).stop, dep))
+        spec = {"command": "true", "worker_id": worker.worker_id, "after": [dep],
+                "job_id": str(uuid.uuid4())}
+        self.assertEqual(client.submit([spec]), [spec["job_id"]])
+        client.close()
+        scheduler.close()
+        # Its worker has not registered again yet: the spec was checked when it was queued.
+        again = self.client(self.scheduler(state_dir=state_dir))
+        self.assertEqual(again.submit([spec]), [spec["job_id"]])
+        error = fault_of(again.submit, [dict(spec, job_id=str(uuid.uuid4()))])
+        self.assertIsInstance(error, jobsched.NotFound)  # a new job is checked as before
 
     def test_submit_refuses_bad_specs_naming_them(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
@@ -5975,15 +6062,17 @@ class QueueCommandLineTest(ClusterTestCase):
     """The queue from the command line: prefixes, stopping queued jobs, bad input, metrics."""
 
     def test_run_sends_a_submit_whose_answer_was_lost_again_and_the_job_runs_once(self):
-        lost = []
-        class LosesTheFirstAnswer(jobsched.Scheduler):
+        answers = []
+        class LosesAnswers(jobsched.Scheduler):
+            slow = 1  # how many answers come after the client gave up on them
             def _submit(self, jobs):  # what submit() and its fast reply both call
                 answer = super()._submit(jobs)
-                if not lost:  # queued; the answer comes after the client gave up on it
-                    lost.append(list(jobsched.expand_job_ids(*answer)))
+                answers.append(list(jobsched.expand_job_ids(*answer)))
+                if self.slow:  # queued (or found queued); answered too late
+                    self.slow -= 1
                     time.sleep(2.5)
                 return answer
-        scheduler = self.scheduler(LosesTheFirstAnswer, state_dir=self.tempdir())
+        scheduler = self.scheduler(LosesAnswers, state_dir=self.tempdir())
         self.worker(scheduler)
         client = self.client(scheduler)
         wait_until(lambda: client.workers(), message="the worker to register")
@@ -5992,23 +6081,29 @@ class QueueCommandLineTest(ClusterTestCase):
         self.assertEqual((done.returncode, done.stdout), (0, b"once\n"), done.stderr)
         self.assertIn(b"timed out", done.stderr)
         self.assertIn(b"jobsched: reconnected", done.stderr)
-        self.assertEqual([job["job_id"] for job in client.jobs()], lost[0])
-        # Given up: the line names the job to look for.
-        scheduler.close()
-        done = self.cli("run", "--reconnect", "0.5", "--", "true", env=env)
+        self.assertEqual(len(answers), 2)
+        self.assertEqual(answers[0], answers[1])
+        self.assertEqual([job["job_id"] for job in client.jobs()], answers[0])
+        # Given up after tries that may have reached it: the line names the job to look for.
+        scheduler.slow = 10
+        done = self.cli("run", "--rpc-timeout", "1", "--reconnect", "1.5", "--", "true", env=env)
         self.assertEqual(done.returncode, 255, done.stderr)
-        self.assertRegex(done.stderr.decode(), r"jobsched: error: cannot reach [^\n]*; job "
+        self.assertRegex(done.stderr.decode(), r"jobsched: error: no answer from [^\n]*; job "
                          r"([-0-9a-f]{36}) may have been queued: see jobsched.py query \1, and "
                          r"stop it if it was\n$")
-        # Ctrl-C between two tries: no more tries, the same line, 130.
+        # Given up after tries that never reached it: nothing was queued.
+        scheduler.close()
+        done = self.cli("run", "--reconnect", "0.5", "--", "true", env=env)
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertRegex(done.stderr.decode(), r"\njobsched: error: cannot reach [^\n]*; nothing "
+                                               r"was queued\n$")
+        # Ctrl-C between two tries: no more tries.
         proc = popen_jobsched(self, ("run", "--", "true"), env=env)
         stderr = type("Stderr", (), {"stdout": proc.stderr})  # read_until reads .stdout
         self.assertIn(b"retrying for up to 60 s", read_until(stderr, b" s\n"))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
-        self.assertEqual(proc.returncode, 130, err)
-        self.assertRegex(err.decode(), r"^jobsched: job ([-0-9a-f]{36}) may have been queued: "
-                                       r"see jobsched.py query \1, and stop it if it was\n$")
+        self.assertEqual((proc.returncode, err), (130, b"jobsched: interrupted; nothing was queued\n"))
 
     def test_queued_jobs_from_the_command_line(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
