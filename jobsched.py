@@ -6097,6 +6097,15 @@ def _configure_logging(level):
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
+def _on_stop_signals(handler):
+    """Make handler the handler of SIGINT, SIGTERM and SIGHUP (a closed terminal), except of
+    those ignored at start, which stay ignored (nohup, a script's background job); returns
+    {signal number: the handler it had}."""
+    return {signum: signal.signal(signum, handler)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            if signal.getsignal(signum) != signal.SIG_IGN}
+
+
 def _serve_until_signal(role, banner):
     """Serve until SIGINT, SIGTERM or SIGHUP (0; one ignored at start stays ignored, as under
     nohup or in a script's background job), or until the role cannot go on (2: a worker whose
@@ -6111,9 +6120,7 @@ def _serve_until_signal(role, banner):
         if signalled:
             os._exit(1)
         signalled.append(signum)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal
-        if signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, on_signal)
+    _on_stop_signals(on_signal)
     role.start_serving()
     print(banner % role.address, flush=True)
     while not signalled:
@@ -6544,9 +6551,7 @@ def _with_stop_signals(func, *args):
     """func(*args) with SIGTERM and SIGHUP raising _Signalled, as SIGINT raises
     KeyboardInterrupt, except in _STOP_SIGNALS' held blocks; a signal ignored at start (nohup,
     a background job of a script) stays ignored."""
-    handlers = {signum: signal.signal(signum, _STOP_SIGNALS.handle)
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-                if signal.getsignal(signum) != signal.SIG_IGN}  # as a shell's background job
+    handlers = _on_stop_signals(_STOP_SIGNALS.handle)
     try:
         return func(*args)
     finally:
@@ -7242,9 +7247,7 @@ def _exit_at_once_on_signals(status):
     SIGTERM or SIGHUP that comes while the interpreter shuts down ends the process at once with
     that status, instead of a KeyboardInterrupt traceback or a death by the signal. Its output
     must be flushed before (os._exit() flushes nothing)."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, lambda signum, frame: os._exit(status))
+    _on_stop_signals(lambda signum, frame: os._exit(status))
 
 
 if __name__ == "__main__":
