@@ -3432,11 +3432,14 @@ class JobQueue:
     def _add(self, entry, size):
         entry.size = size
         self._ids[entry.key] = entry
-        self._live_bytes += size
         if entry.cancelled is not None:
+            self._live_bytes += size
             self._remember(entry)
         elif entry.remaining() > 0:
+            self._live_bytes += size
             self._entries[entry] = None
+        elif entry.count is not None:  # a used-up array, from a rewritten journal
+            self._remember(entry)
         return entry
 
     def _wait_for_dependencies(self, entry, dep_states=None):
@@ -4029,27 +4032,26 @@ class JobQueue:
         """Rewrite the journal with what is live (under journal_lock): temp file, fsync, rename."""
         # Every change waits for journal_lock: what is read here stays as it is meanwhile.
         with self.lock:
-            entries = list(self._entries) + [item for item in self._history if isinstance(
-                item, QueueEntry) and item.cancelled is not None]
-            # The ended ones in the order they are forgotten in, as the history replays them.
+            # The waiting entries; then the history (ended jobs, cancelled and used-up entries)
+            # in its order, so that a restart forgets what this queue would have forgotten
+            # next; then the jobs that have not ended.
+            entries = list(self._entries)
+            history = [item for item in self._history
+                       if self._ids.get(item.job_id if isinstance(item, QueueJob) else item.key)
+                       is item]
             jobs = [item for item in self._ids.values()
                     if isinstance(item, QueueJob) and item.state != "ended"]
-            jobs += [item for item in self._history if isinstance(item, QueueJob)
-                     and self._ids.get(item.job_id) is item]
+        items = entries + history + jobs
         lines = []
-        for start in range(0, len(entries), 1000):
-            specs = []
-            for entry in entries[start:start + 1000]:
-                record = entry.record()
-                record.update(without_none({
-                    "next": entry.next or None, "skip": sorted(entry.skip or ()) or None,
-                    "cancelled": entry.cancelled,
-                    "met": 1 if entry.unmet == 0 and entry.spec.get("after") else None}))
-                specs.append(record)
-            lines.append(json.dumps({"s": specs}, separators=(",", ":")) + "\n")
-        for start in range(0, len(jobs), 1000):
-            lines.append(json.dumps({"j": [job.record() for job in jobs[start:start + 1000]]},
-                                    separators=(",", ":")) + "\n")
+        for _, run in itertools.groupby(enumerate(items), lambda pair: (
+                isinstance(pair[1], QueueJob), pair[0] // 1000)):  # a kind, 1000 at most a line
+            run = [item for _, item in run]
+            if isinstance(run[0], QueueJob):
+                lines.append(json.dumps({"j": [job.record() for job in run]},
+                                        separators=(",", ":")) + "\n")
+            else:
+                lines.append(json.dumps({"s": [self._entry_record(entry) for entry in run]},
+                                        separators=(",", ":")) + "\n")
         data = "".join(lines).encode("utf-8")
         path = self._path()
         try:
@@ -4077,6 +4079,16 @@ class JobQueue:
             self._live_bytes = len(data)
         log.debug("queue journal rewritten: %d bytes, %d waiting entries, %d jobs",
                  len(data), len(entries), len(jobs))
+
+    @staticmethod
+    def _entry_record(entry):
+        """An entry as a rewritten journal keeps it: its spec and how far it has got."""
+        record = entry.record()
+        record.update(without_none({
+            "next": entry.next or None, "skip": sorted(entry.skip or ()) or None,
+            "cancelled": entry.cancelled,
+            "met": 1 if entry.unmet == 0 and entry.spec.get("after") else None}))
+        return record
 
     def _load(self):
         """Replay the journal; rewrite it if it is 4x what is live."""
@@ -4135,8 +4147,14 @@ class JobQueue:
         entries += [QueueEntry.from_record(spec) for spec in record.get("s", ())]
         for entry in entries:
             self._seq = max(self._seq, entry.seq + 1)
-            if batch or entry.key not in self._ids:  # a submitted id is new, or one forgotten
-                self._add(entry, size // len(entries))  # and given again: the newer one wins
+            old = self._ids.get(entry.key)
+            if old is None or batch:  # submitted: a new id, or one forgotten and given again,
+                if isinstance(old, QueueEntry) and old.count is not None:  # which is the one
+                    for index in range(old.count):  # its ids name from now on
+                        job = self._ids.get(old.job_id(index))
+                        if isinstance(job, QueueJob) and job.entry is not entry:
+                            del self._ids[job.job_id]
+                self._add(entry, size // len(entries))
         spent = {}
         for job_id, spec, index, state, worker_id, outcome in record.get("j", ()):
             entry = self._ids.get(spec["id"])
@@ -4798,7 +4816,7 @@ class Scheduler(_Role):
             if i in had:
                 continue
             if started.get(spec.get("job_id")):
-                raise BadRequest("jobs[%d].job_id %s is taken by a job started on worker %s: "
+                raise BadRequest("jobs[%d].job_id %s is taken by a job placed on worker %s: "
                                  "give each job a new UUID"
                                  % (i, spec["job_id"], started[spec["job_id"]]))
             if spec.get("worker_id") and spec["worker_id"] not in known_workers:
@@ -4935,7 +4953,10 @@ class Scheduler(_Role):
                     answers[i] = job.job_id
                     if struct.get("done"):
                         ended.append(struct)
-                self.queue.jobs_ended(worker_id, ended)
+                try:
+                    self.queue.jobs_ended(worker_id, ended)
+                except Unavailable:
+                    pass  # shutting down: settled again after the restart
             if to_start:
                 items = [jobs[i].entry.start_item(jobs[i].job_id, jobs[i].index) for i in to_start]
                 try:
@@ -6515,14 +6536,15 @@ def _place_and_run(client, args):
     placed, sent = [], []  # its answer; a call that may have reached the scheduler
 
     def submit(spec):
-        try:
-            with _STOP_SIGNALS:
+        with _STOP_SIGNALS:
+            try:
                 placed.append(client.submit([spec])[0])
                 return placed[0]
-        except Unavailable as e:  # Unreachable too: no answer, or a refusal that may pass
-            sent.append(isinstance(e, OutcomeUnknown))
-            _STOP_SIGNALS.raise_noted()  # and asked to stop: no more tries
-            raise
+            except Unavailable as e:  # Unreachable too: no answer, or a refusal that may pass
+                sent.append(isinstance(e, OutcomeUnknown))
+                failed = e
+        _STOP_SIGNALS.raise_noted()  # and asked to stop: no more tries
+        raise failed
     try:
         spec = _queue_spec(args, args.command, placer.call(_queue_ids, client, args))
         spec["job_id"] = job_id
