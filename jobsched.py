@@ -6263,7 +6263,8 @@ class _Follower:
                 if deadline is None:
                     deadline = now + self.patience
                     if not self.quiet:
-                        _say("%s; retrying for up to %g s" % (e, self.patience))
+                        _say("%s; retrying for up to %g s" % (e, self.patience) if self.patience
+                             else str(e))
                 if now >= deadline:
                     raise _LostTrack(str(e)) from None
                 time.sleep(min(delay, deadline - now))

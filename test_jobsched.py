@@ -2954,6 +2954,7 @@ class FollowAcrossRestartTest(ClusterTestCase):
         self.assertTrue(err.decode().endswith(
             "jobsched: lost the scheduler; the job goes on: jobsched.py logs -f --offset 0 %s\n"
             % job_id), err)
+        self.assertNotIn(b"retrying", err)  # --reconnect 0: no retry to announce
 
     def test_sigterm_and_sighup_stop_the_job(self):
         for signum in (signal.SIGTERM, signal.SIGHUP):
