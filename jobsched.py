@@ -3342,7 +3342,7 @@ class JobQueue:
         #: self._pending (records of changes made, to append); taken before lock, never while
         #: holding it. Every change of the queue is made under it, so a rewrite sees exactly
         #: what the file says.
-        self._journal, self._journal_bytes, self._seq, self._pending = None, 0, 0, {}
+        self._journal, self._journal_bytes, self._seq, self._pending = None, 0, 0, []
         self._lock_file = None
         if self.state_dir:
             self._lock_file = lock_state_dir(self.state_dir, "scheduler")
@@ -3463,6 +3463,8 @@ class JobQueue:
             entry.unmet += 1
             self._waiters.setdefault(dep, []).append(entry)
         if entry.unmet == 0:
+            if not met and entry.spec.get("after"):
+                self._note("m", entry.key)  # met already: its dependencies may be forgotten
             self._push(entry)
 
     def _push(self, item):
@@ -3863,8 +3865,8 @@ class JobQueue:
         while ended:
             dep, state = ended.pop()
             for entry in self._waiters.pop(dep, ()):
-                if entry.cancelled is not None:
-                    continue
+                if entry.cancelled is not None or entry not in self._entries:
+                    continue  # cancelled, or each of its jobs cancelled one by one
                 if state == "succeeded":
                     entry.unmet -= 1
                     if entry.unmet == 0:
@@ -3885,7 +3887,8 @@ class JobQueue:
         self._log_end(entry.key)
         if entry.count is None:
             return [(entry.key, "cancelled")]
-        return [(job_id, "cancelled") for job_id in list(self._waiters) if job_id[:24] == entry.key]
+        return [(job_id, "cancelled")
+                for job_id in sorted(self._waiters) if job_id[:24] == entry.key]
 
     def _remember(self, item):
         """Keep an ended job or a spent entry in the bounded history (under lock)."""
@@ -3974,19 +3977,22 @@ class JobQueue:
     def _note(self, kind, item):
         """Remember a change to append at the next _flush() (under journal_lock and lock).
         Kinds: s submitted specs, d dispatch intents, r running, q back in the queue, e ended,
-        x cancelled, m dependencies met; j (rewrites only) a job and its state."""
-        self._pending.setdefault(kind, []).append(item)
+        x cancelled, m dependencies met; j (rewrites only) a job and its state. Kept in the
+        order made: a restart replays the history as it was remembered."""
+        self._pending.append((kind, item))
 
     def _flush(self, sync=False):
-        """Append the changes noted, a line per kind (under journal_lock). If sync, they are on
-        disk or this raises Unavailable; otherwise a failure is logged: what was not fsynced is
-        found again after a crash from the intents, the workers and the dependencies."""
-        pending, self._pending = self._pending, {}
+        """Append the changes noted, in order, a line per run of one kind (under journal_lock).
+        If sync, they are on disk or this raises Unavailable; otherwise a failure is logged: what
+        was not fsynced is found again after a crash from the intents, the workers and the
+        dependencies."""
+        pending, self._pending = self._pending, []
         if not pending:
             return self._maybe_compact()
         try:
-            self._write_line("".join(json.dumps({kind: items}, separators=(",", ":")) + "\n"
-                                     for kind, items in pending.items()), sync)
+            self._write_line("".join(
+                json.dumps({kind: [item for _, item in run]}, separators=(",", ":")) + "\n"
+                for kind, run in itertools.groupby(pending, key=lambda note: note[0])), sync)
         except OSError as e:
             if sync:
                 raise self._unwritten(e)
@@ -4130,7 +4136,7 @@ class JobQueue:
                 self._wait_for_dependencies(entry)
             live = self._live_bytes
         with self.journal_lock:
-            self._pending = {}  # what follows from the journal is found again at each start
+            self._pending = []  # what follows from the journal is found again at each start
             if self._journal_bytes > 4 * max(live, COMPACT_MIN_BYTES):
                 self._compact()
         with self.lock:
@@ -4157,6 +4163,7 @@ class JobQueue:
                 self._add(entry, size // len(entries))
         spent = {}
         for job_id, spec, index, state, worker_id, outcome in record.get("j", ()):
+            self._seq = max(self._seq, spec["seq"] + 1)  # no entry of it may be left waiting
             entry = self._ids.get(spec["id"])
             if not isinstance(entry, QueueEntry) or entry.seq != spec["seq"]:
                 entry = spent.get(spec["id"]) or QueueEntry.from_record(spec)

@@ -5715,6 +5715,82 @@ class QueueTest(ClusterTestCase):
         self.assertEqual(states[0], [[False, True, True], 0, [False, False, True], 0,
                                      [False, False, True], 0, [False, False, True], 2])
 
+    def test_a_restarted_queue_keeps_the_order_of_jobs_and_of_what_it_remembers(self):
+        self.short_history(3)
+        for compact in (False, True):
+            with self.subTest(compact=compact):
+                state_dir = self.tempdir()
+                queue = jobsched.JobQueue(state_dir)
+                # A job refused as full is back in the queue; a later one must come after it.
+                (old,) = queue.submit([{"command": "old", "worker_id": "w1"}], {})
+                starts, _ = queue.plan([("w1", 1, {})])
+                queue.started("w1", starts["w1"], [{"faultCode": 3, "faultString": "full"}])
+                # Two ends, each causing a cancel: remembered end, cancel, end, cancel.
+                d1, d2, e1, e2 = (str(uuid.uuid4()) for _ in range(4))
+                queue.submit([{"command": "d", "job_id": d1, "worker_id": "w2"},
+                              {"command": "d", "job_id": d2, "worker_id": "w2"},
+                              {"command": "e", "job_id": e1, "after": [d1]},
+                              {"command": "e", "job_id": e2, "after": [d2]}], {})
+                starts, _ = queue.plan([("w2", 2, {})])
+                queue.started("w2", starts["w2"], [d1, d2])
+                queue.jobs_ended("w2", [{"job_id": d1, "state": "failed"},
+                                        {"job_id": d2, "state": "failed"}])
+                # A job whose dependency had succeeded before it came: met for good.
+                (dep,) = self.end_one_submitted(queue, "w2")
+                (met,) = queue.submit([{"command": "m", "after": [dep], "worker_id": "w9"}], {})
+                if compact:
+                    with queue.journal_lock:
+                        queue._compact()
+                queue.close()
+                queue = jobsched.JobQueue(state_dir)
+                self.addCleanup(queue.close)
+                # remembered: d1, e1, d2, e2, dep; the last three are kept
+                self.assertEqual([queue.knows(job_id) for job_id in (d1, d2, e1, e2)],
+                                 [False, True, False, True])
+                (new,) = queue.submit([{"command": "new", "worker_id": "w1"}], {})
+                starts, _ = queue.plan([("w1", 2, {}), ("w9", 1, {})])
+                self.assertEqual([job.job_id for job in starts["w1"]], [old, new])
+                self.assertEqual([job.job_id for job in starts["w9"]], [met])
+
+    def test_a_restart_after_a_rewrite_numbers_new_jobs_after_the_old_ones(self):
+        state_dir = self.tempdir()
+        queue = jobsched.JobQueue(state_dir)
+        (old,) = queue.submit([{"command": "old"}], {})
+        starts, _ = queue.plan([("w1", 1, {})])
+        queue.started("w1", starts["w1"], [{"faultCode": 3, "faultString": "full"}])
+        with queue.journal_lock:
+            queue._compact()  # it holds old's job now, and no entry that waits
+        queue.close()
+        queue = jobsched.JobQueue(state_dir)
+        self.addCleanup(queue.close)
+        (new,) = queue.submit([{"command": "new"}], {})
+        starts, _ = queue.plan([("w1", 1, {})])
+        self.assertEqual([job.job_id for job in starts["w1"]], [old])
+        queue.started("w1", starts["w1"], [{"faultCode": 3, "faultString": "full"}])
+        queue.try_again("w1")
+        starts, _ = queue.plan([("w1", 2, {})])
+        self.assertEqual([job.job_id for job in starts["w1"]], [old, new])
+
+    def test_a_dependency_met_before_submit_stays_met_once_forgotten(self):
+        self.short_history(2)
+        state_dir = self.tempdir()
+        queue = jobsched.JobQueue(state_dir)
+        (dep,) = self.end_one_submitted(queue, "w1")
+        (job,) = queue.submit([{"command": "e", "after": [dep], "worker_id": "w9"}], {})
+        for _ in range(2):  # dep leaves the history
+            self.end_one_submitted(queue, "w1")
+        queue.close()
+        queue = jobsched.JobQueue(state_dir)
+        self.addCleanup(queue.close)
+        self.assertFalse(queue.knows(dep))
+        starts, _ = queue.plan([("w9", 1, {})])
+        self.assertEqual([job.job_id for job in starts["w9"]], [job])
+        self.assertEqual(list(queue.dependencies_to_ask()), [])
+
+    def end_one_submitted(self, queue, worker_id):
+        queue.submit([{"command": "true", "worker_id": worker_id}], {})
+        return self.end_one(queue, worker_id)
+
     def test_a_job_id_of_a_job_started_without_the_queue_is_refused(self):
         scheduler, (worker,), c = self.cluster(workers=1)
         running = c.start("", "sleep", "", {"args": ["30"]})
