@@ -3540,10 +3540,12 @@ class JobQueue:
         struct.update(position=self._position(entry, index), reason=self._reason(entry, online))
         return struct
 
-    def describe(self, job_id, online=()):
+    def describe(self, job_id, online=None):
         """What the queue knows of job_id: (struct, None, None) for a job waiting, cancelled or
         ended; (None, worker_id, extras) for one on a worker (its struct is the worker's, plus
-        extras); None if the queue does not know it."""
+        extras); None if the queue does not know it. online: {worker_id: labels} of the online
+        workers, which say why a job waits."""
+        online = online or {}
         with self.lock:
             found = self._find(job_id)
             if found is None:
@@ -3564,10 +3566,11 @@ class JobQueue:
         """Structs of the first ``limit`` waiting jobs, in queue order."""
         return self.listing(online, limit)[0]
 
-    def listing(self, online=(), limit=None):
+    def listing(self, online=None, limit=None):
         """(structs of the waiting jobs in queue order (the first ``limit`` only, if given),
         {job_id: extras} of the queue's jobs that reached a worker, structs of the ended ones,
-        for those no worker lists)."""
+        for those no worker lists); online as for describe()."""
+        online = online or {}
         with self.lock:
             waiting = [(entry.order(i), entry, i, None) for entry in self._entries
                        for i in range(entry.next, entry.count or 1) if entry.waits(i)]

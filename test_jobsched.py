@@ -5787,6 +5787,13 @@ class QueueTest(ClusterTestCase):
         self.assertEqual([job.job_id for job in starts["w9"]], [job])
         self.assertEqual(list(queue.dependencies_to_ask()), [])
 
+    def test_the_queue_says_why_a_job_waits_when_asked_without_online_workers(self):
+        queue = jobsched.JobQueue(self.tempdir())  # as a library caller may use it
+        self.addCleanup(queue.close)
+        (job_id,) = queue.submit([{"command": "x", "on": {"gpu": "1"}}], {})
+        self.assertEqual(queue.describe(job_id)[0]["reason"], "no online worker matches gpu=1")
+        self.assertEqual([job["job_id"] for job in queue.listing()[0]], [job_id])
+
     def end_one_submitted(self, queue, worker_id):
         queue.submit([{"command": "true", "worker_id": worker_id}], {})
         return self.end_one(queue, worker_id)
