@@ -3182,7 +3182,7 @@ class QueueEntry:
     the last 12 hex digits. An array's jobs become QueueJobs one at a time, as they are taken from
     the queue, so 10000 waiting jobs cost one object. Fields guarded by JobQueue.lock."""
     __slots__ = ("key", "seq", "submitted_at", "spec", "count", "next", "skip", "unmet",
-                 "cancelled", "size")
+                 "cancelled", "size", "met")
 
     def __init__(self, key, seq, submitted_at, spec):
         self.key, self.seq, self.submitted_at = key, seq, submitted_at
@@ -3191,6 +3191,7 @@ class QueueEntry:
         self.unmet = 0         # dependencies not met yet; -1: all met before a restart
         self.skip = None       # indices >= next cancelled one by one
         self.cancelled = None  # the reason, once the whole entry is cancelled
+        self.met = None        # the dependencies met so far, while others are not
 
     def job_id(self, index):
         return self.key if self.count is None else "%s%012x" % (self.key, index)
@@ -3219,6 +3220,7 @@ class QueueEntry:
         entry.cancelled = spec.pop("cancelled", None)
         if spec.pop("met", None):
             entry.unmet = -1
+        entry.met = set(spec.pop("met_deps", ())) or None
         return entry
 
     def start_item(self, job_id, index):
@@ -3448,12 +3450,15 @@ class JobQueue:
         met = entry.unmet == -1 or entry.next > 0  # known before a restart
         entry.unmet = 0
         for dep in () if met else entry.spec.get("after", ()):
+            if entry.met and dep in entry.met:
+                continue  # met before a restart (the queue may have forgotten dep since)
             state = self._state_of(dep)
             if state is _UNKNOWN:
                 state = (dep_states or {}).get(dep)
                 if dep_states is None or dep not in dep_states:
                     self._ask.add(dep)
             if state == "succeeded":
+                self._met(entry, dep)
                 continue
             if state is not None:
                 reason = "cancelled: dependency %s ended %s" % (dep, state)
@@ -3466,6 +3471,15 @@ class JobQueue:
             if not met and entry.spec.get("after"):
                 self._note("m", entry.key)  # met already: its dependencies may be forgotten
             self._push(entry)
+
+    def _met(self, entry, dep):
+        """One of entry's dependencies has succeeded, others may not have: noted, so that a
+        restart knows it when the queue has forgotten dep (under lock)."""
+        if entry.met is None:
+            entry.met = set()
+        if dep not in entry.met:
+            entry.met.add(dep)
+            self._note("n", [entry.key, dep])
 
     def _push(self, item):
         entry = item if isinstance(item, QueueEntry) else item.entry
@@ -3875,6 +3889,8 @@ class JobQueue:
                     if entry.unmet == 0:
                         self._note("m", entry.key)
                         self._push(entry)
+                    else:
+                        self._met(entry, dep)
                     continue
                 reason = "cancelled: dependency %s ended %s" % (dep, state)
                 ended += self._cancel_entry(entry, reason)
@@ -3980,7 +3996,8 @@ class JobQueue:
     def _note(self, kind, item):
         """Remember a change to append at the next _flush() (under journal_lock and lock).
         Kinds: s submitted specs, d dispatch intents, r running, q back in the queue, e ended,
-        x cancelled, m dependencies met; j (rewrites only) a job and its state. Kept in the
+        x cancelled, m dependencies met, n one dependency met; j (rewrites only) a job and
+        its state. Kept in the
         order made: a restart replays the history as it was remembered."""
         self._pending.append((kind, item))
 
@@ -4096,7 +4113,8 @@ class JobQueue:
         record.update(without_none({
             "next": entry.next or None, "skip": sorted(entry.skip or ()) or None,
             "cancelled": entry.cancelled,
-            "met": 1 if entry.unmet == 0 and entry.spec.get("after") else None}))
+            "met": 1 if entry.unmet == 0 and entry.spec.get("after") else None,
+            "met_deps": sorted(entry.met) if entry.met and entry.unmet else None}))
         return record
 
     def _load(self):
@@ -4191,6 +4209,10 @@ class JobQueue:
             entry = self._ids.get(key)
             if isinstance(entry, QueueEntry) and entry.cancelled is None:
                 entry.unmet = -1
+        for key, dep in record.get("n", ()):
+            entry = self._ids.get(key)
+            if isinstance(entry, QueueEntry) and entry.cancelled is None:
+                entry.met = (entry.met or set()) | {dep}
         for key, reason in record.get("x", ()):
             item = self._ids.get(key)
             if isinstance(item, QueueEntry) and (len(key) == 24 or item.count is None):

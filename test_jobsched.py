@@ -5787,6 +5787,31 @@ class QueueTest(ClusterTestCase):
         self.assertEqual([job.job_id for job in starts["w9"]], [job])
         self.assertEqual(list(queue.dependencies_to_ask()), [])
 
+    def test_a_dependency_met_stays_met_once_forgotten_while_another_is_waited_for(self):
+        self.short_history(2)
+        for compact in (False, True):
+            with self.subTest(compact=compact):
+                state_dir = self.tempdir()
+                queue = jobsched.JobQueue(state_dir)
+                (first,) = queue.submit([{"command": "d", "worker_id": "w1"}], {})
+                (second,) = queue.submit([{"command": "d", "worker_id": "w2"}], {})
+                (job,) = queue.submit([{"command": "e", "after": [first, second],
+                                        "worker_id": "w9"}], {})
+                self.assertEqual(self.end_one(queue, "w1"), [first])
+                for _ in range(2):  # first leaves the history
+                    self.end_one_submitted(queue, "w3")
+                if compact:
+                    with queue.journal_lock:
+                        queue._compact()
+                queue.close()
+                queue = jobsched.JobQueue(state_dir)
+                self.addCleanup(queue.close)
+                self.assertFalse(queue.knows(first))
+                self.assertEqual(list(queue.dependencies_to_ask()), [])
+                self.assertEqual(self.end_one(queue, "w2"), [second])
+                starts, _ = queue.plan([("w9", 1, {})])
+                self.assertEqual([job.job_id for job in starts["w9"]], [job])
+
     def test_the_queue_says_why_a_job_waits_when_asked_without_online_workers(self):
         queue = jobsched.JobQueue(self.tempdir())  # as a library caller may use it
         self.addCleanup(queue.close)
