@@ -5622,6 +5622,16 @@ class QueueTest(ClusterTestCase):
         self.assertEqual(len(again.jobs()), 7)
         self.assertEqual(again.query(array[:24] + "000000000002")["args"], ["x"])
 
+    def reopened(self, queue, state_dir, rewrite=False):
+        """queue closed (its journal rewritten first if rewrite) and opened again: a restart."""
+        if rewrite:
+            with queue.journal_lock:
+                queue._compact()
+        queue.close()
+        queue = jobsched.JobQueue(state_dir)
+        self.addCleanup(queue.close)
+        return queue
+
     def short_history(self, n):
         self.addCleanup(setattr, jobsched, "QUEUE_HISTORY", jobsched.QUEUE_HISTORY)
         jobsched.QUEUE_HISTORY = n  # the ended jobs the queue remembers
@@ -5671,9 +5681,7 @@ class QueueTest(ClusterTestCase):
         queue.submit([{"command": "true", "job_id": x, "worker_id": "w1"}], {})  # acknowledged
         queue.submit([{"command": "true", "job_id": y, "worker_id": "w1"}], {})  # a retry
         self.assertEqual((len(queue), queue.describe(x)[0]["state"]), (1, "queued"))
-        queue.close()
-        queue = jobsched.JobQueue(state_dir)
-        self.addCleanup(queue.close)
+        queue = self.reopened(queue, state_dir)
         self.assertEqual((len(queue), queue.describe(x)[0]["state"]), (1, "queued"))
         self.assertEqual(queue.describe(y)[0]["state"], "succeeded")
 
@@ -5738,12 +5746,7 @@ class QueueTest(ClusterTestCase):
                 # A job whose dependency had succeeded before it came: met for good.
                 (dep,) = self.end_one_submitted(queue, "w2")
                 (met,) = queue.submit([{"command": "m", "after": [dep], "worker_id": "w9"}], {})
-                if compact:
-                    with queue.journal_lock:
-                        queue._compact()
-                queue.close()
-                queue = jobsched.JobQueue(state_dir)
-                self.addCleanup(queue.close)
+                queue = self.reopened(queue, state_dir, rewrite=compact)
                 # remembered: d1, e1, d2, e2, dep; the last three are kept
                 self.assertEqual([queue.knows(job_id) for job_id in (d1, d2, e1, e2)],
                                  [False, True, False, True])
@@ -5758,11 +5761,7 @@ class QueueTest(ClusterTestCase):
         (old,) = queue.submit([{"command": "old"}], {})
         starts, _ = queue.plan([("w1", 1, {})])
         queue.started("w1", starts["w1"], [{"faultCode": 3, "faultString": "full"}])
-        with queue.journal_lock:
-            queue._compact()  # it holds old's job now, and no entry that waits
-        queue.close()
-        queue = jobsched.JobQueue(state_dir)
-        self.addCleanup(queue.close)
+        queue = self.reopened(queue, state_dir, rewrite=True)  # old's job, no entry waiting
         (new,) = queue.submit([{"command": "new"}], {})
         starts, _ = queue.plan([("w1", 1, {})])
         self.assertEqual([job.job_id for job in starts["w1"]], [old])
@@ -5779,9 +5778,7 @@ class QueueTest(ClusterTestCase):
         (job,) = queue.submit([{"command": "e", "after": [dep], "worker_id": "w9"}], {})
         for _ in range(2):  # dep leaves the history
             self.end_one_submitted(queue, "w1")
-        queue.close()
-        queue = jobsched.JobQueue(state_dir)
-        self.addCleanup(queue.close)
+        queue = self.reopened(queue, state_dir)
         self.assertFalse(queue.knows(dep))
         starts, _ = queue.plan([("w9", 1, {})])
         self.assertEqual([job.job_id for job in starts["w9"]], [job])
@@ -5800,12 +5797,7 @@ class QueueTest(ClusterTestCase):
                 self.assertEqual(self.end_one(queue, "w1"), [first])
                 for _ in range(2):  # first leaves the history
                     self.end_one_submitted(queue, "w3")
-                if compact:
-                    with queue.journal_lock:
-                        queue._compact()
-                queue.close()
-                queue = jobsched.JobQueue(state_dir)
-                self.addCleanup(queue.close)
+                queue = self.reopened(queue, state_dir, rewrite=compact)
                 self.assertFalse(queue.knows(first))
                 self.assertEqual(list(queue.dependencies_to_ask()), [])
                 self.assertEqual(self.end_one(queue, "w2"), [second])
