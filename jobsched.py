@@ -4839,10 +4839,11 @@ class Scheduler(_Role):
         if sum(spec.get("array", 1) for spec in specs) > MAX_SUBMIT_JOBS:
             raise BadRequest("at most %d jobs per submit, arrays counted in full" % MAX_SUBMIT_JOBS)
         had = self.queue.had(specs)  # sent again: checked when it was queued (before a restart)
-        with self.workers_lock:
+        given = [spec["job_id"] for k, spec in enumerate(specs)
+                 if "job_id" in spec and k not in had]
+        with self.workers_lock:  # held for lookups only: 100000 specs are read outside it
             known_workers = set(self._workers)
-            started = {spec["job_id"]: self._job_index.get(spec["job_id"]) for k, spec
-                       in enumerate(specs) if "job_id" in spec and k not in had}
+            started = {job_id: self._job_index.get(job_id) for job_id in given}
         dep_states = {}
         for i, spec in enumerate(specs):
             if i in had:
