@@ -4005,7 +4005,8 @@ class HeadlessChromium:
 
 class BrowserTest(ClusterTestCase):
     """The pages in a real browser (headless Chromium): what renders, live output, no script
-    from a job ever runs, the Stop button; writes examples/status.png."""
+    from a job ever runs, the Stop button; a screenshot, written to $JOBSCHED_SCREENSHOT if set
+    (how examples/status.png is made)."""
 
     @classmethod
     def setUpClass(cls):
@@ -4105,8 +4106,9 @@ class BrowserTest(ClusterTestCase):
         shot = self.browser.send("Page.captureScreenshot", session, format="png")
         png = base64.b64decode(shot["data"])
         self.assertTrue(png.startswith(b"\x89PNG\r\n\x1a\n"))
-        with open(os.path.join(HERE, "examples", "status.png"), "wb") as f:
-            f.write(png)
+        if os.environ.get("JOBSCHED_SCREENSHOT"):
+            with open(os.environ["JOBSCHED_SCREENSHOT"], "wb") as f:
+                f.write(png)
 
 
 def proc_environ(pid):
