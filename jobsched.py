@@ -3909,6 +3909,15 @@ class JobQueue:
         return [(job_id, "cancelled")
                 for job_id in sorted(self._waiters) if job_id[:24] == entry.key]
 
+    def _bytes_to_keep(self):
+        """About what a rewrite of the journal would write, counted afresh (under lock): the
+        waiting entries, the cancelled ones still remembered, and a record for each job known."""
+        return (sum(entry.size for entry in self._entries)
+                + sum(item.size for item in self._history
+                      if not isinstance(item, QueueJob) and item.cancelled is not None)
+                + sum(item.entry.size + JOB_RECORD_BYTES for item in self._ids.values()
+                      if isinstance(item, QueueJob)))
+
     def _remember(self, item):
         """Keep an ended job or a spent entry in the bounded history (under lock)."""
         self._history.append(item)
@@ -4141,10 +4150,10 @@ class JobQueue:
         os.ftruncate(self._journal, good)  # a line cut short is no line: the next starts clean
         self._journal_bytes = good
         with self.lock:
+            self._live_bytes = self._bytes_to_keep()  # replay's own count forgot what it never had
             for item in list(self._ids.values()):
                 if not isinstance(item, QueueJob):
                     continue
-                self._live_bytes += item.entry.size + JOB_RECORD_BYTES
                 if item.state in ("dispatching", "unsettled", "running"):
                     self._busy.setdefault(item.worker_id, set()).add(item)
                 if item.state in ("dispatching", "unsettled"):

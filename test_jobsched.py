@@ -5687,6 +5687,23 @@ class QueueTest(ClusterTestCase):
         self.assertEqual((len(queue), queue.describe(x)[0]["state"]), (1, "queued"))
         self.assertEqual(queue.describe(y)[0]["state"], "succeeded")
 
+    def test_a_restarted_queue_counts_the_bytes_to_keep_as_the_running_one_did(self):
+        # The count decides when the journal is rewritten. Replaying a journal whose history
+        # forgot its oldest jobs must not subtract them: it never counted them.
+        self.short_history(3)
+        state_dir = self.tempdir()
+        queue = jobsched.JobQueue(state_dir)
+        for _ in range(8):
+            self.end_one_submitted(queue, "w1")
+        queue.submit([{"command": "sleep", "args": ["9"], "worker_id": "w2"},
+                      {"command": "x", "array": 4, "worker_id": "w3"}], {})
+        (cancelled,) = queue.submit([{"command": "c", "worker_id": "w4"}], {})
+        queue.cancel(cancelled)
+        running = queue._live_bytes
+        self.assertEqual(queue._bytes_to_keep(), running)
+        queue = self.reopened(queue, state_dir)
+        self.assertEqual(queue._live_bytes, running)
+
     def test_a_rewritten_journal_keeps_the_history_in_its_order(self):
         # The same steps on two queues, one of them compacted and restarted half way: each step
         # after that must find the same ids known, and the same submits sent again answered.
