@@ -6436,11 +6436,19 @@ def cmd_submit(args):
     if len(lines) * (args.array or 1) > MAX_SUBMIT_JOBS:  # one call: all or nothing
         raise ConfigError("%d jobs: at most %d can be queued at once (arrays counted in full); "
                           "split the file" % (len(lines) * (args.array or 1), MAX_SUBMIT_JOBS))
-    client = _client_from_args(args)
-    ids = _queue_ids(client, args)
-    job_ids = client.submit([_queue_spec(args, words, ids) for words in lines])
+    return _with_stop_signals(_submit_lines, _client_from_args(args), args, lines)
+
+
+def _submit_lines(client, args, lines):
+    """submit once its lines are read: the ids on stdout once queued (_submit_surely)."""
+    job_ids, ended_by = _submit_surely(client, args, lines)
+    if job_ids is None:
+        return ended_by
     sys.stdout.write("".join(job_id + "\n" for job_id in job_ids))
     sys.stdout.flush()
+    if ended_by is not None:
+        _say("interrupted; the jobs were queued")
+        return 130 if ended_by == signal.SIGINT else 128 + ended_by
     return 0
 
 
@@ -6569,42 +6577,63 @@ def cmd_run(args):
 
 
 def _place_and_run(client, args):
-    """Submit the job under an id made here, then follow it (_run_to_the_end). A submit that
-    fails for a reason that may pass is sent again, as _Follower.call() retries: the queue takes
-    an id once. Each call is a held block, so that a signal during it waits for the answer."""
+    """Submit the job under an id made here (_submit_surely), then follow it
+    (_run_to_the_end)."""
     if not args.command:
         raise ConfigError("no command given: jobsched run [options] -- COMMAND [ARG...]")
-    job_id = str(uuid.uuid4())
-    placer = _Follower(client, job_id, patience=args.reconnect, quiet=args.quiet)
-    placed, sent = [], []  # its answer; a call that may have reached the scheduler
+    placed, ended_by = _submit_surely(client, args, [args.command])
+    if placed is None:
+        return ended_by
+    return _run_to_the_end(client, placed[0], args, ended_by and _stop_reason(ended_by))
 
-    def submit(spec):
+
+def _submit_surely(client, args, lines):
+    """Queue the jobs of command lines ``lines``, with the options of args, under ids made here:
+    a submit that fails for a reason that may pass is sent again, as _Follower.call() retries,
+    for up to --reconnect seconds, and the queue takes an id once. Each call is a held block,
+    so that a signal during it waits for its answer. Returns (the job ids, the number of a stop
+    signal that came after the answer, else None) once queued; else (None, the exit status)
+    after saying whether the jobs may have been queued."""
+    patience = args.reconnect
+    placer = _Follower(client, None, patience=patience, quiet=getattr(args, "quiet", False))
+    sent = []  # for each call: whether it may have reached the scheduler
+    answer = []
+
+    def submit(specs):
         with _STOP_SIGNALS:
             try:
-                placed.append(client.submit([spec])[0])
-                return placed[0]
+                answer.append(client.submit(specs))
+                return answer[0]
             except Unavailable as e:  # Unreachable too: no answer, or a refusal that may pass
                 sent.append(isinstance(e, OutcomeUnknown))
                 failed = e
         _STOP_SIGNALS.raise_noted()  # and asked to stop: no more tries
         raise failed
+    specs = []
     try:
-        spec = _queue_spec(args, args.command, placer.call(_queue_ids, client, args))
-        spec["job_id"] = job_id
-        placer.call(submit, spec)
+        ids = placer.call(_queue_ids, client, args)
+        for words in lines:
+            spec = _queue_spec(args, words, ids)
+            made = str(uuid.uuid4())
+            spec["job_id"] = made[:24] + "0" * 12 if spec.get("array") else made
+            specs.append(spec)
+        placer.call(submit, specs)
     except (KeyboardInterrupt, _Signalled, _LostTrack) as e:
-        if placed:  # answered: a signal after the hold stops the job like any other
-            signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else e.signum
-            return _run_to_the_end(client, job_id, args,
-                                   _stop_reason(_STOP_SIGNALS.take() or signum))
+        signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else getattr(e, "signum", None)
+        if answer:  # answered: the signal came after the hold
+            return [spec["job_id"] for spec in specs], _STOP_SIGNALS.take() or signum
         lost = "error: %s; " % e if isinstance(e, _LostTrack) else ""
         if not any(sent):
             _say("%snothing was queued" % (lost or "interrupted; "))
-            return 1 if lost else _interrupted_status(e)
+            return None, 1 if lost else _interrupted_status(e)
+        count = sum(spec.get("array", 1) for spec in specs)
+        first = specs[0]["job_id"]
         _say("%sjob %s may have been queued: see jobsched.py query %s, and stop it if it was"
-             % (lost, job_id, job_id))
-        return 255 if lost else _interrupted_status(e)
-    return _run_to_the_end(client, job_id, args, _stop_reason(_STOP_SIGNALS.take()))
+             % (lost, first, first) if count == 1 else
+             "%sthe %d jobs may have been queued, all of them or none: see jobsched.py query %s "
+             "(the first), and stop them if they were" % (lost, count, first))
+        return None, 255 if lost else _interrupted_status(e)
+    return answer[0], _STOP_SIGNALS.take()
 
 
 def _stop_reason(signum):
@@ -7179,10 +7208,10 @@ def build_parser():
                          help="only on a worker with this label; VALUE * asks only for the key (repeatable)")
         sub.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
-    def reconnect_option(sub):
+    def reconnect_option(sub, then="exit 255 saying how to resume"):
         sub.add_argument("--reconnect", metavar="SECONDS", type=_positive(float, zero=True),
-                         default=60.0, help="keep retrying a lost scheduler this long, then exit "
-                                            "255 saying how to resume (default: %(default)s)")
+                         default=60.0, help="keep retrying a lost scheduler this long, then %s "
+                                            "(default: %%(default)s)" % then)
 
     job_options(command("start", "start a job and print its id", cmd_start))
     sub = command("run", "start a job, stream its output, exit with its exit code", cmd_run)
@@ -7212,6 +7241,8 @@ def build_parser():
                      help="one job per line of FILE ('-': stdin), split like a shell command line; "
                           "blank lines and # comments skipped")
     job_options(sub)
+    reconnect_option(sub, "give up: exit 1 if nothing was queued, else 255 saying which job "
+                          "to query")
     sub = command("wait", "wait until jobs have ended, printing 'JOB_ID STATE' as each does; "
                   "exit 0 if all succeeded", cmd_wait)
     sub.add_argument("job_id", nargs="*", help="(default: every queued and running job)")

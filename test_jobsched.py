@@ -6263,6 +6263,74 @@ class QueueCommandLineTest(ClusterTestCase):
         out, err = proc.communicate(timeout=30)
         self.assertEqual((proc.returncode, err), (130, b"jobsched: interrupted; nothing was queued\n"))
 
+    def test_submit_sends_a_submit_whose_answer_was_lost_again_and_queues_once(self):
+        answers = []
+        class LosesAnswers(jobsched.Scheduler):
+            slow = 1  # how many answers come after the client gave up on them
+            def _submit(self, jobs):
+                answer = super()._submit(jobs)
+                answers.append(list(jobsched.expand_job_ids(*answer)))
+                if self.slow:
+                    self.slow -= 1
+                    time.sleep(2.5)
+                return answer
+        scheduler = self.scheduler(LosesAnswers, state_dir=self.tempdir())
+        client = self.client(scheduler)  # no worker: the jobs stay queued, to be counted
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        lines = self.tempdir()
+        with open(os.path.join(lines, "jobs"), "w") as f:
+            f.write("echo one\necho two\n")
+        done = self.cli("submit", "--rpc-timeout", "1", "--file", os.path.join(lines, "jobs"),
+                        env=env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(b"timed out", done.stderr)
+        self.assertIn(b"jobsched: reconnected", done.stderr)
+        printed = done.stdout.decode().split()
+        self.assertEqual(len(answers), 2)
+        self.assertEqual(answers, [printed, printed])
+        self.assertEqual(sorted(job["job_id"] for job in client.jobs()), sorted(printed))
+        self.assertEqual(client.info()["queued"], 2)
+        # An array gets the id of its index 0; sent again, it is queued once too.
+        scheduler.slow = 1
+        done = self.cli("submit", "--rpc-timeout", "1", "--array", "3", "--", "true", env=env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        printed = done.stdout.decode().split()
+        self.assertEqual(len(printed), 3)
+        self.assertTrue(printed[0].endswith("-000000000000"), printed)
+        self.assertEqual(answers[-2:], [printed, printed])
+        self.assertEqual(client.info()["queued"], 5)
+        # Ctrl-C while the answer is on its way: it is waited for, and the ids are printed.
+        scheduler.slow, sent = 1, len(answers)
+        proc = popen_jobsched(self, ("submit", "--", "true"), env=env)
+        wait_until(lambda: len(answers) > sent, message="the submit to be queued")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, out.split(), err),
+                         (130, [answers[-1][0].encode()],
+                          b"jobsched: interrupted; the jobs were queued\n"))
+        # Given up after tries that may have reached it: the line says which job to query.
+        scheduler.slow = 10
+        done = self.cli("submit", "--rpc-timeout", "1", "--reconnect", "1.5", "--file",
+                        os.path.join(lines, "jobs"), env=env)
+        self.assertEqual((done.returncode, done.stdout), (255, b""), done.stderr)
+        self.assertRegex(done.stderr.decode(), r"jobsched: error: no answer from [^\n]*; the 2 "
+                         r"jobs may have been queued, all of them or none: see jobsched.py query "
+                         r"[-0-9a-f]{36} \(the first\), and stop them if they were\n$")
+        # Given up after tries that never reached it: nothing was queued.
+        scheduler.close()
+        done = self.cli("submit", "--reconnect", "0.5", "--", "true", env=env)
+        self.assertEqual((done.returncode, done.stdout), (1, b""), done.stderr)
+        self.assertRegex(done.stderr.decode(), r"\njobsched: error: cannot reach [^\n]*; nothing "
+                                               r"was queued\n$")
+        # Ctrl-C between two tries: no more tries.
+        proc = popen_jobsched(self, ("submit", "--", "true"), env=env)
+        stderr = type("Stderr", (), {"stdout": proc.stderr})  # read_until reads .stdout
+        self.assertIn(b"retrying for up to 60 s", read_until(stderr, b" s\n"))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, out, err),
+                         (128 + signal.SIGTERM, b"", b"jobsched: interrupted; nothing was queued\n"))
+
     def test_queued_jobs_from_the_command_line(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
         worker = self.worker(scheduler, slots=1)
