@@ -6594,8 +6594,7 @@ def _submit_surely(client, args, lines):
     so that a signal during it waits for its answer. Returns (the job ids, the number of a stop
     signal that came after the answer, else None) once queued; else (None, the exit status)
     after saying whether the jobs may have been queued."""
-    patience = args.reconnect
-    placer = _Follower(client, None, patience=patience, quiet=getattr(args, "quiet", False))
+    placer = _Follower(client, None, patience=args.reconnect, quiet=getattr(args, "quiet", False))
     sent = []  # for each call: whether it may have reached the scheduler
     answer = []
 
@@ -6621,7 +6620,7 @@ def _submit_surely(client, args, lines):
     except (KeyboardInterrupt, _Signalled, _LostTrack) as e:
         signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else getattr(e, "signum", None)
         if answer:  # answered: the signal came after the hold
-            return [spec["job_id"] for spec in specs], _STOP_SIGNALS.take() or signum
+            return answer[0], _STOP_SIGNALS.take() or signum
         lost = "error: %s; " % e if isinstance(e, _LostTrack) else ""
         if not any(sent):
             _say("%snothing was queued" % (lost or "interrupted; "))
