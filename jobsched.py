@@ -1577,10 +1577,11 @@ class RPCClient:
     """Calls one jobsched server: ``call(method, *params)``.
 
     Thread-safe: each call borrows a kept-alive connection from a small pool, so one RPCClient
-    can serve many threads. Faults raise the JobschedError subclass of their code. A peer that
-    cannot be reached raises Unreachable when the request certainly was not acted on (refused,
-    failed TLS handshake, an HTTP error status), and its subclass OutcomeUnknown when it was sent
-    and no answer came (timed out, connection lost). A connection idle for ``idle_timeout``
+    can serve many threads. Faults raise the JobschedError subclass of their code, and so does
+    a request too large for the server (HTTP 413: BadRequest, as sending it again cannot help).
+    A peer that cannot be reached raises Unreachable when the request certainly was not acted on
+    (refused, failed TLS handshake, another HTTP error status), and its subclass OutcomeUnknown
+    when it was sent and no answer came (timed out, connection lost). A connection idle for ``idle_timeout``
     seconds is closed rather than used (servers close theirs after 30 s). ``address`` is
     HOST:PORT, or https://HOST:PORT, or http://user:TOKEN@HOST:PORT."""
     max_idle = 16
@@ -1622,6 +1623,10 @@ class RPCClient:
                 raise Unauthorized("%s refused the request: missing or wrong token (HTTP 401); "
                                    "give the cluster's token with --token-file FILE or "
                                    "JOBSCHED_TOKEN_FILE" % self.address) from None
+            if e.errcode == 413:
+                raise BadRequest("%s refused the request: larger than its --max-request (HTTP "
+                                 "413); send less in one call, or raise its --max-request"
+                                 % self.address) from None
             raise Unreachable("%s answered HTTP %d %s" % (self.address, e.errcode, e.errmsg)) from None
         except Exception as e:  # whatever a peer makes of a call is this peer's failure
             transport.close()
@@ -4191,13 +4196,15 @@ class JobQueue:
                         if isinstance(job, QueueJob) and job.entry is not entry:
                             del self._ids[job.job_id]
                 self._add(entry, size // len(entries))
-        spent = {}
-        for job_id, spec, index, state, worker_id, outcome in record.get("j", ()):
+        spent, jobs = {}, record.get("j", ())
+        for job_id, spec, index, state, worker_id, outcome in jobs:
             self._seq = max(self._seq, spec["seq"] + 1)  # no entry of it may be left waiting
             entry = self._ids.get(spec["id"])
             if not isinstance(entry, QueueEntry) or entry.seq != spec["seq"]:
-                entry = spent.get(spec["id"]) or QueueEntry.from_record(spec)
-                spent[spec["id"]] = entry
+                if spec["id"] not in spent:  # its size: its job's share of the line, less a job's
+                    spent[spec["id"]] = QueueEntry.from_record(spec)
+                    spent[spec["id"]].size = max(0, size // len(jobs) - JOB_RECORD_BYTES)
+                entry = spent[spec["id"]]
             job = QueueJob(job_id, entry, index, state, worker_id,
                            tuple(outcome) if outcome else None)
             self._ids[job_id] = job
@@ -6352,33 +6359,58 @@ class _Follower:
                 return
 
     def _write(self, out, data):
-        """Write data to stdout, counting each byte into self.offset as it goes out, whatever
-        signal comes. Through the file descriptor: a BufferedWriter's write() drops bytes when a
-        signal whose handler returns interrupts a large write to a pipe (seen on CPython 3.6 and
-        3.11). The wait for room is outside _STOP_SIGNALS' hold, where a signal's exception has
-        written nothing; the write is inside it, where a signal cuts the write short and the
-        count says how far it got, then raises once the count is kept."""
-        out.flush()
-        try:
-            fd = out.fileno()
-        except (AttributeError, io.UnsupportedOperation):
-            with _STOP_SIGNALS:
-                out.write(data)
-                out.flush()
-                self.offset += len(data)
-            _STOP_SIGNALS.raise_noted()
-            return
-        view = memoryview(data)
-        while view:
-            select.select([], [fd], [])
-            with _STOP_SIGNALS:
-                written = os.write(fd, view)
-                self.offset += written
-                view = view[written:]
-            _STOP_SIGNALS.raise_noted()
+        _write_counted(out, data, self._count)
+
+    def _count(self, written):
+        self.offset += written
 
     def resume_hint(self):
         return "the job goes on: jobsched.py logs -f --offset %d %s" % (self.offset, self.job_id)
+
+
+def _write_counted(out, data, counted):
+    """Write data to stdout, calling counted(n) for each n bytes as they go out, whatever
+    signal comes. Through the file descriptor: a BufferedWriter's write() drops bytes when a
+    signal whose handler returns interrupts a large write to a pipe (seen on CPython 3.6 and
+    3.11). The wait for room is outside _STOP_SIGNALS' hold, where a signal's exception has
+    written nothing; the write is inside it, where a signal cuts the write short and the count
+    says how far it got, then raises once the count is kept."""
+    out.flush()
+    try:
+        fd = out.fileno()
+    except (AttributeError, io.UnsupportedOperation):
+        with _STOP_SIGNALS:
+            out.write(data)
+            out.flush()
+            counted(len(data))
+        _STOP_SIGNALS.raise_noted()
+        return
+    view = memoryview(data)
+    while view:
+        select.select([], [fd], [])
+        with _STOP_SIGNALS:
+            written = os.write(fd, view)
+            counted(written)
+            view = view[written:]
+        _STOP_SIGNALS.raise_noted()
+
+
+def _print_ids(job_ids):
+    """Write the ids to stdout, one a line, every one of them: a stop signal while they go out
+    is noted (a second one raises); returns the number of the one noted, else None."""
+    data = "".join(job_id + "\n" for job_id in job_ids).encode("ascii")
+    done, noted = [0], None
+
+    def counted(written):
+        done[0] += written
+    while done[0] < len(data):
+        try:
+            _write_counted(sys.stdout.buffer, data[done[0]:], counted)
+        except (KeyboardInterrupt, _Signalled) as e:
+            if noted is not None:
+                raise
+            noted = signal.SIGINT if isinstance(e, KeyboardInterrupt) else e.signum
+    return noted
 
 
 def _queue_spec(args, words, ids):
@@ -6440,12 +6472,15 @@ def cmd_submit(args):
 
 
 def _submit_lines(client, args, lines):
-    """submit once its lines are read: the ids on stdout once queued (_submit_surely)."""
-    job_ids, ended_by = _submit_surely(client, args, lines)
+    """submit once its lines are read: the ids on stdout once queued (_submit_surely), and also
+    when they may have been."""
+    job_ids, ended_by, unsure = _submit_surely(client, args, lines)
     if job_ids is None:
-        return ended_by
-    sys.stdout.write("".join(job_id + "\n" for job_id in job_ids))
-    sys.stdout.flush()
+        if unsure:
+            _print_ids(unsure)  # each of them, to query and to stop
+        return ended_by  # the exit status
+    noted = _print_ids(job_ids)
+    ended_by = ended_by or noted
     if ended_by is not None:
         _say("interrupted; the jobs were queued")
         return 130 if ended_by == signal.SIGINT else 128 + ended_by
@@ -6581,9 +6616,9 @@ def _place_and_run(client, args):
     (_run_to_the_end)."""
     if not args.command:
         raise ConfigError("no command given: jobsched run [options] -- COMMAND [ARG...]")
-    placed, ended_by = _submit_surely(client, args, [args.command])
+    placed, ended_by, _ = _submit_surely(client, args, [args.command])
     if placed is None:
-        return ended_by
+        return ended_by  # the exit status
     return _run_to_the_end(client, placed[0], args, ended_by and _stop_reason(ended_by))
 
 
@@ -6592,8 +6627,8 @@ def _submit_surely(client, args, lines):
     a submit that fails for a reason that may pass is sent again, as _Follower.call() retries,
     for up to --reconnect seconds, and the queue takes an id once. Each call is a held block,
     so that a signal during it waits for its answer. Returns (the job ids, the number of a stop
-    signal that came after the answer, else None) once queued; else (None, the exit status)
-    after saying whether the jobs may have been queued."""
+    signal that came after the answer, else None) once queued; else (None, the exit status, the
+    ids that may have been queued, else None) after saying whether they may have been."""
     placer = _Follower(client, None, patience=args.reconnect, quiet=getattr(args, "quiet", False))
     sent = []  # for each call: whether it may have reached the scheduler
     answer = []
@@ -6603,7 +6638,7 @@ def _submit_surely(client, args, lines):
             try:
                 answer.append(client.submit(specs))
                 return answer[0]
-            except Unavailable as e:  # Unreachable too: no answer, or a refusal that may pass
+            except JobschedError as e:  # a fault too: a signal noted meanwhile is acted on
                 sent.append(isinstance(e, OutcomeUnknown))
                 failed = e
         _STOP_SIGNALS.raise_noted()  # and asked to stop: no more tries
@@ -6611,6 +6646,7 @@ def _submit_surely(client, args, lines):
     specs = []
     try:
         ids = placer.call(_queue_ids, client, args)
+        placer.known = False  # a "not found" now is a refused submit, not a restarted scheduler
         for words in lines:
             spec = _queue_spec(args, words, ids)
             made = str(uuid.uuid4())
@@ -6620,19 +6656,20 @@ def _submit_surely(client, args, lines):
     except (KeyboardInterrupt, _Signalled, _LostTrack) as e:
         signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else getattr(e, "signum", None)
         if answer:  # answered: the signal came after the hold
-            return answer[0], _STOP_SIGNALS.take() or signum
-        lost = "error: %s; " % e if isinstance(e, _LostTrack) else ""
+            return answer[0], _STOP_SIGNALS.take() or signum, None
+        why = "error: %s; " % e if isinstance(e, _LostTrack) else "interrupted; "
+        status = 255 if isinstance(e, _LostTrack) else _interrupted_status(e)
         if not any(sent):
-            _say("%snothing was queued" % (lost or "interrupted; "))
-            return None, 1 if lost else _interrupted_status(e)
+            _say("%snothing was queued" % why)
+            return None, 1 if isinstance(e, _LostTrack) else status, None
         count = sum(spec.get("array", 1) for spec in specs)
         first = specs[0]["job_id"]
         _say("%sjob %s may have been queued: see jobsched.py query %s, and stop it if it was"
-             % (lost, first, first) if count == 1 else
-             "%sthe %d jobs may have been queued, all of them or none: see jobsched.py query %s "
-             "(the first), and stop them if they were" % (lost, count, first))
-        return None, 255 if lost else _interrupted_status(e)
-    return answer[0], _STOP_SIGNALS.take()
+             % (why, first, first) if count == 1 else
+             "%sthe %d jobs printed may have been queued, all of them or none: see jobsched.py "
+             "query %s (the first), and stop them if they were" % (why, count, first))
+        return None, status, [spec["job_id"] for spec in specs]
+    return answer[0], _STOP_SIGNALS.take(), None
 
 
 def _stop_reason(signum):

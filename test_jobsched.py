@@ -4,6 +4,7 @@ Run: python3 -m unittest -v test_jobsched
 """
 
 import base64
+import fcntl
 import hashlib
 import functools
 import http.client
@@ -21,9 +22,11 @@ import socket
 import socketserver
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import textwrap
 import threading
 import time
@@ -5693,8 +5696,9 @@ class QueueTest(ClusterTestCase):
         self.short_history(3)
         state_dir = self.tempdir()
         queue = jobsched.JobQueue(state_dir)
-        for _ in range(8):
-            self.end_one_submitted(queue, "w1")
+        for _ in range(8):  # specs of some size: their bytes are most of a rewrite's
+            queue.submit([{"command": "true", "args": ["x" * 2000], "worker_id": "w1"}], {})
+            self.end_one(queue, "w1")
         queue.submit([{"command": "sleep", "args": ["9"], "worker_id": "w2"},
                       {"command": "x", "array": 4, "worker_id": "w3"}], {})
         (cancelled,) = queue.submit([{"command": "c", "worker_id": "w4"}], {})
@@ -5703,6 +5707,10 @@ class QueueTest(ClusterTestCase):
         self.assertEqual(queue._bytes_to_keep(), running)
         queue = self.reopened(queue, state_dir)
         self.assertEqual(queue._live_bytes, running)
+        # From a rewritten journal, whose lines carry each remembered job's spec: about its size.
+        queue = self.reopened(queue, state_dir, rewrite=True)
+        size = os.path.getsize(os.path.join(state_dir, "queue.journal"))
+        self.assertLess(abs(queue._live_bytes - size), size / 10, (queue._live_bytes, size))
 
     def test_a_rewritten_journal_keeps_the_history_in_its_order(self):
         # The same steps on two queues, one of them compacted and restarted half way: each step
@@ -6312,10 +6320,22 @@ class QueueCommandLineTest(ClusterTestCase):
         scheduler.slow = 10
         done = self.cli("submit", "--rpc-timeout", "1", "--reconnect", "1.5", "--file",
                         os.path.join(lines, "jobs"), env=env)
-        self.assertEqual((done.returncode, done.stdout), (255, b""), done.stderr)
+        self.assertEqual(done.returncode, 255, done.stderr)
+        printed = done.stdout.decode().split()  # every id, to query and to stop
+        self.assertEqual(len(printed), 2)
         self.assertRegex(done.stderr.decode(), r"jobsched: error: no answer from [^\n]*; the 2 "
-                         r"jobs may have been queued, all of them or none: see jobsched.py query "
-                         r"[-0-9a-f]{36} \(the first\), and stop them if they were\n$")
+                         r"jobs printed may have been queued, all of them or none: see "
+                         r"jobsched.py query %s \(the first\), and stop them if they were\n$"
+                         % printed[0])
+        # Ctrl-C after such a try: no more tries, and the same warning.
+        proc = popen_jobsched(self, ("submit", "--rpc-timeout", "1", "--", "true"), env=env)
+        stderr = type("Stderr", (), {"stdout": proc.stderr})  # read_until reads .stdout
+        self.assertIn(b"retrying for up to 60 s", read_until(stderr, b" s\n"))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 130, err)
+        self.assertEqual(err, b"jobsched: interrupted; job %s may have been queued: see jobsched.py "
+                              b"query %s, and stop it if it was\n" % (out.strip(), out.strip()))
         # Given up after tries that never reached it: nothing was queued.
         scheduler.close()
         done = self.cli("submit", "--reconnect", "0.5", "--", "true", env=env)
@@ -6330,6 +6350,54 @@ class QueueCommandLineTest(ClusterTestCase):
         out, err = proc.communicate(timeout=30)
         self.assertEqual((proc.returncode, out, err),
                          (128 + signal.SIGTERM, b"", b"jobsched: interrupted; nothing was queued\n"))
+
+    def test_submit_gives_up_at_once_on_a_final_refusal_and_a_signal_is_never_lost(self):
+        refused = []
+        class SlowToRefuse(jobsched.Scheduler):
+            def _submit(self, jobs):
+                if any(job.get("name") == "refuse" for job in jobs):
+                    refused.append(1)
+                    time.sleep(1.5)
+                    raise jobsched.BadRequest("jobs[0]: refused")
+                return super()._submit(jobs)
+        scheduler = self.scheduler(SlowToRefuse, state_dir=self.tempdir(), max_request=4096)
+        client = self.client(scheduler)
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        # "Not found" and "too large" answer the submit itself: no retry, nothing queued.
+        for argv, said in ((("--after", str(uuid.uuid4())), b"unknown job"),
+                           (("--worker", str(uuid.uuid4())), b"worker not found"),
+                           (("--env", "X=" + "x" * 5000), b"larger than its --max-request "
+                                                          b"(HTTP 413)")):
+            done = self.cli("submit", *argv, "--", "true", env=env)
+            self.assertEqual((done.returncode, done.stdout), (1, b""), done.stderr)
+            self.assertIn(said, done.stderr)
+            self.assertNotIn(b"retrying", done.stderr)
+        # Ctrl-C during a call that is then refused: the signal ends it, nothing was queued.
+        proc = popen_jobsched(self, ("submit", "--name", "refuse", "--", "true"), env=env)
+        wait_until(lambda: refused, message="the submit to arrive")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, out, err),
+                         (130, b"", b"jobsched: interrupted; nothing was queued\n"))
+        self.assertEqual(client.info()["queued"], 0)
+
+    def test_submit_prints_every_id_when_a_signal_comes_while_they_go_out(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        client = self.client(scheduler)
+        env = cli_env(JOBSCHED_SCHEDULER=scheduler.address)
+        proc = popen_jobsched(self, ("submit", "--array", "5000", "--", "true"), env=env)
+        pipe = proc.stdout.fileno()
+
+        def pipe_full():  # the ids fill the pipe: submit waits for room
+            return struct.unpack("i", fcntl.ioctl(pipe, termios.FIONREAD, b"\0" * 4))[0] >= 65536
+        wait_until(pipe_full, message="the pipe to fill")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual((proc.returncode, err),
+                         (128 + signal.SIGTERM, b"jobsched: interrupted; the jobs were queued\n"))
+        self.assertEqual(out.split(), [job_id.encode() for job_id in jobsched.expand_job_ids(
+            [out.split()[0].decode()[:24]], [{"array": 5000}])])
+        self.assertEqual(client.info()["queued"], 5000)
 
     def test_queued_jobs_from_the_command_line(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
