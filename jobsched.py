@@ -6483,7 +6483,7 @@ def _submit_lines(client, args, lines):
     ended_by = ended_by or noted
     if ended_by is not None:
         _say("interrupted; the jobs were queued")
-        return 130 if ended_by == signal.SIGINT else 128 + ended_by
+        return 128 + ended_by  # 130 for SIGINT, as _interrupted_status() says
     return 0
 
 

@@ -47,6 +47,14 @@ COUNT_SH = os.path.join(HERE, "examples", "count.sh")
 # their warnings (e.g. "running as root") into the test report.
 logging.getLogger("jobsched").addHandler(logging.NullHandler())
 
+# A suite started in the background of a script (or under nohup) inherits SIGINT (or SIGHUP)
+# ignored, and so would each process it starts, which keeps it ignored as it should: the tests
+# that send those signals need them at their defaults.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 
 def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
     """Poll predicate until it returns a true value; fail after timeout seconds."""
@@ -6227,6 +6235,15 @@ class OutputReplyTest(unittest.TestCase):
 class QueueCommandLineTest(ClusterTestCase):
     """The queue from the command line: prefixes, stopping queued jobs, bad input, metrics."""
 
+    def signalled_while_retrying(self, argv, env, signum):
+        """Run the command until it says it retries, send signum; returns (status, out, err)."""
+        proc = popen_jobsched(self, argv, env=env)
+        stderr = type("Stderr", (), {"stdout": proc.stderr})  # read_until reads .stdout
+        self.assertIn(b"retrying for up to 60 s", read_until(stderr, b" s\n"))
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+        return proc.returncode, out, err
+
     def test_run_sends_a_submit_whose_answer_was_lost_again_and_the_job_runs_once(self):
         answers = []
         class LosesAnswers(jobsched.Scheduler):
@@ -6264,12 +6281,8 @@ class QueueCommandLineTest(ClusterTestCase):
         self.assertRegex(done.stderr.decode(), r"\njobsched: error: cannot reach [^\n]*; nothing "
                                                r"was queued\n$")
         # Ctrl-C between two tries: no more tries.
-        proc = popen_jobsched(self, ("run", "--", "true"), env=env)
-        stderr = type("Stderr", (), {"stdout": proc.stderr})  # read_until reads .stdout
-        self.assertIn(b"retrying for up to 60 s", read_until(stderr, b" s\n"))
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-        self.assertEqual((proc.returncode, err), (130, b"jobsched: interrupted; nothing was queued\n"))
+        status, _, err = self.signalled_while_retrying(("run", "--", "true"), env, signal.SIGINT)
+        self.assertEqual((status, err), (130, b"jobsched: interrupted; nothing was queued\n"))
 
     def test_submit_sends_a_submit_whose_answer_was_lost_again_and_queues_once(self):
         answers = []
@@ -6328,12 +6341,9 @@ class QueueCommandLineTest(ClusterTestCase):
                          r"jobsched.py query %s \(the first\), and stop them if they were\n$"
                          % printed[0])
         # Ctrl-C after such a try: no more tries, and the same warning.
-        proc = popen_jobsched(self, ("submit", "--rpc-timeout", "1", "--", "true"), env=env)
-        stderr = type("Stderr", (), {"stdout": proc.stderr})  # read_until reads .stdout
-        self.assertIn(b"retrying for up to 60 s", read_until(stderr, b" s\n"))
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-        self.assertEqual(proc.returncode, 130, err)
+        status, out, err = self.signalled_while_retrying(
+            ("submit", "--rpc-timeout", "1", "--", "true"), env, signal.SIGINT)
+        self.assertEqual(status, 130, err)
         self.assertEqual(err, b"jobsched: interrupted; job %s may have been queued: see jobsched.py "
                               b"query %s, and stop it if it was\n" % (out.strip(), out.strip()))
         # Given up after tries that never reached it: nothing was queued.
@@ -6343,12 +6353,8 @@ class QueueCommandLineTest(ClusterTestCase):
         self.assertRegex(done.stderr.decode(), r"\njobsched: error: cannot reach [^\n]*; nothing "
                                                r"was queued\n$")
         # Ctrl-C between two tries: no more tries.
-        proc = popen_jobsched(self, ("submit", "--", "true"), env=env)
-        stderr = type("Stderr", (), {"stdout": proc.stderr})  # read_until reads .stdout
-        self.assertIn(b"retrying for up to 60 s", read_until(stderr, b" s\n"))
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-        self.assertEqual((proc.returncode, out, err),
+        self.assertEqual(self.signalled_while_retrying(("submit", "--", "true"), env,
+                                                       signal.SIGTERM),
                          (128 + signal.SIGTERM, b"", b"jobsched: interrupted; nothing was queued\n"))
 
     def test_submit_gives_up_at_once_on_a_final_refusal_and_a_signal_is_never_lost(self):
