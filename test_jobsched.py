@@ -3633,6 +3633,17 @@ class MetricsFormatTest(ClusterTestCase):
         types, samples = parse_metrics(jobsched.scheduler_metrics(scheduler).decode())
         self.assertEqual(metric(samples, "jobsched_jobs_queued"), 3)
 
+    def test_open_fds_counts_each_descriptor_open(self):
+        before = jobsched._open_fds()
+        opened = [socket.socket() for _ in range(40)]
+        try:
+            self.assertEqual(jobsched._open_fds(), before + 40)
+            if os.path.isdir("/proc/self/fd"):  # as a listing counts them, less its own
+                self.assertEqual(jobsched._open_fds(), len(os.listdir("/proc/self/fd")) - 1)
+        finally:
+            for sock in opened:
+                sock.close()
+
     def test_utf8_tails(self):
         for data, tail in ((b"abc", 0), (b"ab\xc3", 1), (b"ab\xc3\xa9", 0), (b"\xe2\x82", 2),
                            (b"\xe2\x82\xac", 0), (b"x\xf0\x9f\x98", 3), (b"\xf0\x9f\x98\x80", 0),
