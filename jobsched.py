@@ -137,6 +137,10 @@ class Unauthorized(Unreachable):
     """The peer answered HTTP 401: the token is missing or wrong."""
 
 
+class _TooLarge(BadRequest):
+    """The peer answered HTTP 413: the request is over its --max-request."""
+
+
 class InternalError(JobschedError):
     """A bug or an unexpected condition on the server (fault 4)."""
     code = INTERNAL
@@ -1581,9 +1585,9 @@ class RPCClient:
     a request too large for the server (HTTP 413: BadRequest, as sending it again cannot help).
     A peer that cannot be reached raises Unreachable when the request certainly was not acted on
     (refused, failed TLS handshake, another HTTP error status), and its subclass OutcomeUnknown
-    when it was sent and no answer came (timed out, connection lost). A connection idle for ``idle_timeout``
-    seconds is closed rather than used (servers close theirs after 30 s). ``address`` is
-    HOST:PORT, or https://HOST:PORT, or http://user:TOKEN@HOST:PORT."""
+    when it was sent and no answer came (timed out, connection lost). A connection idle for
+    ``idle_timeout`` seconds is closed rather than used (servers close theirs after 30 s).
+    ``address`` is HOST:PORT, or https://HOST:PORT, or http://user:TOKEN@HOST:PORT."""
     max_idle = 16
     idle_timeout = 25.0
     check_after = 1.0  # an idle connection older than this is checked for a close before use
@@ -1624,7 +1628,7 @@ class RPCClient:
                                    "give the cluster's token with --token-file FILE or "
                                    "JOBSCHED_TOKEN_FILE" % self.address) from None
             if e.errcode == 413:
-                raise BadRequest("%s refused the request: larger than its --max-request (HTTP "
+                raise _TooLarge("%s refused the request: larger than its --max-request (HTTP "
                                  "413); send less in one call, or raise its --max-request"
                                  % self.address) from None
             raise Unreachable("%s answered HTTP %d %s" % (self.address, e.errcode, e.errmsg)) from None
@@ -5008,12 +5012,7 @@ class Scheduler(_Role):
                     pass  # shutting down: settled again after the restart
             if to_start:
                 items = [jobs[i].entry.start_item(jobs[i].job_id, jobs[i].index) for i in to_start]
-                try:
-                    replies = client.call("start_many", items)
-                except Unreachable:
-                    replies = [None] * len(items)  # it may have started them: settle later
-                except JobschedError as e:
-                    replies = [e] * len(items)
+                replies = self._start_many(client, items)
                 for i, reply in zip(to_start, replies):
                     answers[i] = reply
                 started = sum(isinstance(reply, str) for reply in replies)
@@ -5024,6 +5023,22 @@ class Scheduler(_Role):
         finally:
             self.queue.started(worker_id, jobs, answers, settle)
             self._dispatch_wanted.set()
+
+    def _start_many(self, client, items):
+        """The worker's reply to start_many(items), one per item: a job id, a fault, or None
+        (the outcome is unknown). A call over the worker's --max-request is sent again in
+        halves; a job too large for it alone fails with the worker's refusal."""
+        try:
+            return client.call("start_many", items)
+        except _TooLarge as e:
+            if len(items) == 1:
+                return [e]
+            half = len(items) // 2
+            return self._start_many(client, items[:half]) + self._start_many(client, items[half:])
+        except Unreachable:
+            return [None] * len(items)  # it may have started them: settle later
+        except JobschedError as e:
+            return [e] * len(items)
 
     def _ask_dependencies(self):
         """Ask the workers how the dependencies the queue lost track of (a restart) ended."""

@@ -5428,6 +5428,20 @@ class QueueTest(ClusterTestCase):
                    message="workers to register")
         return scheduler, started, client
 
+    def test_jobs_that_together_are_over_a_workers_max_request_are_started_in_smaller_calls(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        self.worker(scheduler, slots=16, max_request=64 * 1024)
+        client = self.client(scheduler)
+        wait_until(lambda: client.workers(), message="the worker to register")
+        env = {"PAD": "x" * 12000}  # 16 of them are three times the worker's limit
+        ids = client.submit([{"command": "true", "env": env} for _ in range(16)]
+                            + [{"command": "true", "env": {"A": "x" * 40000, "B": "x" * 40000}}])
+        for job_id in ids[:16]:
+            self.assertEqual(self.wait_done(client, job_id)["state"], "succeeded")
+        alone = self.wait_done(client, ids[16])  # too large on its own: refused, once
+        self.assertEqual(alone["state"], "failed")
+        self.assertIn("larger than its --max-request (HTTP 413)", alone["error_text"])
+
     def hold_slot(self, client, **spec):
         """Queue a job that keeps its slot until the returned release() is called."""
         gate = os.path.join(self.tempdir(), "gate")
