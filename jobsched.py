@@ -6494,10 +6494,11 @@ def cmd_submit(args):
 def _submit_lines(client, args, lines):
     """submit once its lines are read: the ids on stdout once queued (_submit_surely), and also
     when they may have been."""
-    job_ids, ended_by, unsure = _submit_surely(client, args, lines)
+    job_ids, ended_by, unsure, why = _submit_surely(client, args, lines)
     if job_ids is None:
         if unsure:
-            _print_ids(unsure)  # each of them, to query and to stop
+            _print_ids(unsure)  # each of them, to query and to stop, before the warning
+        _say(why)
         return ended_by  # the exit status
     noted = _print_ids(job_ids)
     ended_by = ended_by or noted
@@ -6636,8 +6637,9 @@ def _place_and_run(client, args):
     (_run_to_the_end)."""
     if not args.command:
         raise ConfigError("no command given: jobsched run [options] -- COMMAND [ARG...]")
-    placed, ended_by, _ = _submit_surely(client, args, [args.command])
+    placed, ended_by, _, why = _submit_surely(client, args, [args.command])
     if placed is None:
+        _say(why)
         return ended_by  # the exit status
     return _run_to_the_end(client, placed[0], args, ended_by and _stop_reason(ended_by))
 
@@ -6647,8 +6649,8 @@ def _submit_surely(client, args, lines):
     a submit that fails for a reason that may pass is sent again, as _Follower.call() retries,
     for up to --reconnect seconds, and the queue takes an id once. Each call is a held block,
     so that a signal during it waits for its answer. Returns (the job ids, the number of a stop
-    signal that came after the answer, else None) once queued; else (None, the exit status, the
-    ids that may have been queued, else None) after saying whether they may have been."""
+    signal that came after the answer, else None, None) once queued; else (None, the exit
+    status, the ids that may have been queued or None, what to say), for the caller to say."""
     placer = _Follower(client, None, patience=args.reconnect, quiet=getattr(args, "quiet", False))
     sent = []  # for each call: whether it may have reached the scheduler
     answer = []
@@ -6676,20 +6678,19 @@ def _submit_surely(client, args, lines):
     except (KeyboardInterrupt, _Signalled, _LostTrack) as e:
         signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else getattr(e, "signum", None)
         if answer:  # answered: the signal came after the hold
-            return answer[0], _STOP_SIGNALS.take() or signum, None
+            return answer[0], _STOP_SIGNALS.take() or signum, None, None
         why = "error: %s; " % e if isinstance(e, _LostTrack) else "interrupted; "
         status = 255 if isinstance(e, _LostTrack) else _interrupted_status(e)
         if not any(sent):
-            _say("%snothing was queued" % why)
-            return None, 1 if isinstance(e, _LostTrack) else status, None
-        count = sum(spec.get("array", 1) for spec in specs)
-        first = specs[0]["job_id"]
-        _say("%sjob %s may have been queued: see jobsched.py query %s, and stop it if it was"
-             % (why, first, first) if count == 1 else
-             "%sthe %d jobs printed may have been queued, all of them or none: see jobsched.py "
-             "query %s (the first), and stop them if they were" % (why, count, first))
-        return None, status, [spec["job_id"] for spec in specs]
-    return answer[0], _STOP_SIGNALS.take(), None
+            return None, 1 if isinstance(e, _LostTrack) else status, None, why + "nothing was queued"
+        unsure = list(expand_job_ids([spec["job_id"][:24] if "array" in spec else spec["job_id"]
+                                      for spec in specs], specs))
+        return None, status, unsure, (
+            "%sjob %s may have been queued: see jobsched.py query %s, and stop it if it was"
+            % (why, unsure[0], unsure[0]) if len(unsure) == 1 else
+            "%sthe %d jobs printed may have been queued, all of them or none: see jobsched.py "
+            "query %s (the first), and stop them if they were" % (why, len(unsure), unsure[0]))
+    return answer[0], _STOP_SIGNALS.take(), None, None
 
 
 def _stop_reason(signum):

@@ -6365,6 +6365,12 @@ class QueueCommandLineTest(ClusterTestCase):
                          r"jobs printed may have been queued, all of them or none: see "
                          r"jobsched.py query %s \(the first\), and stop them if they were\n$"
                          % printed[0])
+        done = self.cli("submit", "--rpc-timeout", "1", "--reconnect", "1.5", "--array", "3",
+                        "--", "true", env=env)
+        printed = done.stdout.decode().split()  # an array's too, each of them
+        self.assertEqual((done.returncode, [job_id[24:] for job_id in printed]),
+                         (255, ["00000000000%d" % i for i in range(3)]), done.stderr)
+        self.assertIn("the 3 jobs printed may have been queued", done.stderr.decode())
         # Ctrl-C after such a try: no more tries, and the same warning.
         status, out, err = self.signalled_while_retrying(
             ("submit", "--rpc-timeout", "1", "--", "true"), env, signal.SIGINT)
