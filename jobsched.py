@@ -959,12 +959,28 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         if length is None:
             return self._refuse(411, "Content-Length is required")
         if len(length) > 18 or int(length) > self.server.max_request:
-            return self._refuse(413, "request body over %d bytes" % self.server.max_request)
+            self._refuse(413, "request body over %d bytes" % self.server.max_request)
+            return self._drop_body(int(length))
         body = self.rfile.read(int(length))
         if len(body) < int(length):
             self.close_connection = True
             return None
         return body
+
+    def _drop_body(self, length):
+        """Read the body of a request refused before it was read, and drop it, for up to
+        REFUSED_BODY_SECONDS: a client still sending it then reads the refusal, where a close
+        with its bytes unread would reset the connection under it (RFC 9112, 9.6)."""
+        self.reader.deadline = time.monotonic() + REFUSED_BODY_SECONDS
+        try:
+            self.wfile.flush()  # the refusal goes out first
+            while length > 0:
+                dropped = len(self.rfile.read1(min(length, 65536)))
+                if not dropped:
+                    break
+                length -= dropped
+        except OSError:  # timed out, or reset
+            pass
 
     def _refuse(self, status, message):
         self._reply_json(status, {"error": message}, close=True)
@@ -999,6 +1015,7 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
 
 
 TRIM_SECONDS = 5.0
+REFUSED_BODY_SECONDS = 10.0  # how long the body of a request refused as too large is read
 IDLE_THREAD_SECONDS = 5.0  # a thread that served a woken connection waits this long for another
 MALLOC_ARENAS = 2          # glibc's malloc arenas in a scheduler or worker process (M_ARENA_MAX)
 

@@ -6409,6 +6409,10 @@ class QueueCommandLineTest(ClusterTestCase):
             self.assertEqual((done.returncode, done.stdout), (1, b""), done.stderr)
             self.assertIn(said, done.stderr)
             self.assertNotIn(b"retrying", done.stderr)
+        # Far larger than the socket buffers, it is read (and dropped) while the refusal waits.
+        with self.assertRaises(jobsched.BadRequest) as caught:
+            client.submit([{"command": "true", "args": ["x" * 60000]}] * 150)
+        self.assertIn("larger than its --max-request (HTTP 413)", str(caught.exception))
         # Ctrl-C during a call that is then refused: the signal ends it, nothing was queued.
         proc = popen_jobsched(self, ("submit", "--name", "refuse", "--", "true"), env=env)
         wait_until(lambda: refused, message="the submit to arrive")
