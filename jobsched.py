@@ -3458,6 +3458,10 @@ class JobQueue:
         return True
 
     def _add(self, entry, size):
+        """Know entry, which takes about size bytes of a line (an array: its own size, which
+        each of its jobs' records repeats in a rewritten journal)."""
+        if entry.count is not None and entry.count > 1:
+            size = len(json.dumps(entry.record(), separators=(",", ":")))
         entry.size = size
         self._ids[entry.key] = entry
         if entry.cancelled is not None:

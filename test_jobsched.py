@@ -5726,12 +5726,15 @@ class QueueTest(ClusterTestCase):
     def test_a_restarted_queue_counts_the_bytes_to_keep_as_the_running_one_did(self):
         # The count decides when the journal is rewritten. Replaying a journal whose history
         # forgot its oldest jobs must not subtract them: it never counted them.
-        self.short_history(3)
+        self.short_history(8)  # the array and its jobs, then the cancelled one: remembered
         state_dir = self.tempdir()
         queue = jobsched.JobQueue(state_dir)
         for _ in range(8):  # specs of some size: their bytes are most of a rewrite's
             queue.submit([{"command": "true", "args": ["x" * 2000], "worker_id": "w1"}], {})
             self.end_one(queue, "w1")
+        # An array's spec is in each of its jobs' records, however small the entries beside it.
+        queue.submit([{"command": "true", "args": ["y" * 3000], "array": 6, "worker_id": "w1"}], {})
+        self.end_one(queue, "w1", 6)
         queue.submit([{"command": "sleep", "args": ["9"], "worker_id": "w2"},
                       {"command": "x", "array": 4, "worker_id": "w3"}], {})
         (cancelled,) = queue.submit([{"command": "c", "worker_id": "w4"}], {})
