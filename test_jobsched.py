@@ -16,6 +16,7 @@ import platform
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -6442,6 +6443,28 @@ class QueueCommandLineTest(ClusterTestCase):
         self.assertEqual(out.split(), [job_id.encode() for job_id in jobsched.expand_job_ids(
             [out.split()[0].decode()[:24]], [{"array": 5000}])])
         self.assertEqual(client.info()["queued"], 5000)
+
+    def test_a_file_of_jobs_is_split_as_shlex_splits_each_line(self):
+        # Plain lines take a quicker way than shlex: the words must come out the same.
+        rng = random.Random(7)
+        alphabet = ["a", "b", "1", " ", "\t", "'", '"', "\\", "#", "\xa0", "\u3000", "é",
+                    "$", "|", ";", "*", "=", "-", "{", "}"]
+        lines, expected = [], []
+        for _ in range(20000):
+            line = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError:  # an open quote: such a line makes the whole file exit 2
+                continue
+            lines.append(line)
+            if words:
+                expected.append(words)
+        plain = sum(not jobsched._SHLEX_SPECIAL.search(line) for line in lines)
+        self.assertTrue(1000 < plain < len(lines) - 1000, (plain, len(lines)))  # both ways
+        path = os.path.join(self.tempdir(), "jobs")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        self.assertEqual(jobsched._read_job_lines(path), expected)
 
     def test_queued_jobs_from_the_command_line(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
