@@ -959,19 +959,22 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         if length is None:
             return self._refuse(411, "Content-Length is required")
         if len(length) > 18 or int(length) > self.server.max_request:
+            deadline = self.reader.deadline  # the reply forgets it
             self._refuse(413, "request body over %d bytes" % self.server.max_request)
-            return self._drop_body(int(length))
+            return self._drop_body(int(length), deadline)
         body = self.rfile.read(int(length))
         if len(body) < int(length):
             self.close_connection = True
             return None
         return body
 
-    def _drop_body(self, length):
-        """Read the body of a request refused before it was read, and drop it, for up to
-        REFUSED_BODY_SECONDS: a client still sending it then reads the refusal, where a close
-        with its bytes unread would reset the connection under it (RFC 9112, 9.6)."""
-        self.reader.deadline = time.monotonic() + REFUSED_BODY_SECONDS
+    def _drop_body(self, length, deadline):
+        """Read the body of a request refused before it was read, and drop it, until the
+        request's deadline and for REFUSED_BODY_SECONDS at most: a client still sending it then
+        reads the refusal, where a close with its bytes unread would reset the connection under
+        it (RFC 9112, 9.6)."""
+        self.reader.deadline = min(deadline or float("inf"),
+                                   time.monotonic() + REFUSED_BODY_SECONDS)
         try:
             self.wfile.flush()  # the refusal goes out first
             while length > 0:
@@ -6525,9 +6528,13 @@ def _submit_lines(client, args, lines):
     when they may have been."""
     job_ids, ended_by, unsure, why = _submit_surely(client, args, lines)
     if job_ids is None:
-        if unsure:
-            _print_ids(unsure)  # each of them, to query and to stop, before the warning
-        _say(why)
+        try:
+            if unsure:
+                _print_ids(unsure)  # each of them, to query and to stop, before the warning
+        except BrokenPipeError:
+            pass  # stdout closed: the warning still names the first
+        finally:
+            _say(why)
         return ended_by  # the exit status
     noted = _print_ids(job_ids)
     ended_by = ended_by or noted

@@ -2369,6 +2369,30 @@ class HTTPTest(ClusterTestCase):
 class HostileInputTest(ClusterTestCase):
     """Body limits, read timeout, XML and JSON attacks, a fuzz pass: faults or 4xx, never harm."""
 
+    def test_a_refused_body_is_read_and_dropped_only_until_the_requests_deadline(self):
+        scheduler = self.scheduler(max_request=1000, read_timeout=1.0)
+        host, port = scheduler.address.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(http_request(scheduler.address, "POST", "/RPC2", content_length=False,
+                                  headers=(("Content-Length", str(10 ** 6)),)))
+        self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 413 "))  # before the body
+        done = threading.Event()
+        self.addCleanup(done.set)
+
+        def trickle():  # a byte of the body every 0.2 s: each read gets one in time
+            while not done.wait(0.2):
+                try:
+                    sock.send(b"x")
+                except OSError:
+                    return
+        threading.Thread(target=trickle, daemon=True).start()
+        sock.settimeout(8.0)  # less than the 10 s a refused body may take at most
+        try:
+            self.assertEqual(sock.recv(4096), b"")  # closed at the request's deadline (1 s)
+        except ConnectionResetError:
+            pass
+
     def test_body_limits_and_encodings(self):
         scheduler = self.scheduler(max_request=1000)
         worker = self.worker(None, max_request=1000)
@@ -6375,6 +6399,14 @@ class QueueCommandLineTest(ClusterTestCase):
         self.assertEqual((done.returncode, [job_id[24:] for job_id in printed]),
                          (255, ["00000000000%d" % i for i in range(3)]), done.stderr)
         self.assertIn("the 3 jobs printed may have been queued", done.stderr.decode())
+        # Its reader gone (| head -1): the warning all the same, and 255.
+        proc = popen_jobsched(self, ("submit", "--rpc-timeout", "1", "--reconnect", "1.5",
+                                     "--array", "20000", "--", "true"), env=env)
+        self.assertTrue(proc.stdout.readline().endswith(b"-000000000000\n"))
+        proc.stdout.close()  # 20000 ids do not fit in the pipe: the rest meet a closed one
+        err = proc.stderr.read()
+        self.assertEqual(proc.wait(timeout=30), 255, err)
+        self.assertIn(b"the 20000 jobs printed may have been queued", err)
         # Ctrl-C after such a try: no more tries, and the same warning.
         status, out, err = self.signalled_while_retrying(
             ("submit", "--rpc-timeout", "1", "--", "true"), env, signal.SIGINT)
