@@ -6489,7 +6489,7 @@ def _read_job_lines(path):
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("cannot read %s: %s" % (path, getattr(e, "strerror", None) or e))
     jobs = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # as a shell reads lines: \v is no end
         if not _SHLEX_SPECIAL.search(line):  # as shlex would split it, 100 times sooner
             words = line.split()
             if words:

@@ -6497,6 +6497,11 @@ class QueueCommandLineTest(ClusterTestCase):
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
         self.assertEqual(jobsched._read_job_lines(path), expected)
+        # Lines end at a newline (or \r\n) only, as a shell reads them: \v and the like are text.
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write("echo a\x0bb c\x1cd\r\necho 'e\u2028f'\n")
+        self.assertEqual(jobsched._read_job_lines(path),
+                         [["echo", "a\x0bb", "c\x1cd"], ["echo", "e\u2028f"]])
 
     def test_queued_jobs_from_the_command_line(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
