@@ -70,7 +70,7 @@ except ImportError:  # a Python built without OpenSSL still runs plain HTTP
 __version__ = "1.1.0"
 __all__ = [
     "JobschedError", "NotFound", "BadRequest", "Unavailable", "Unreachable", "OutcomeUnknown",
-    "Unauthorized",
+    "Refused", "Unauthorized",
     "InternalError",
     "ConfigError", "Security", "Headers", "RequestHandler", "RPCServer", "RPCClient", "Client", "Job", "Worker", "WorkerRecord",
     "Scheduler", "main",
@@ -133,7 +133,13 @@ class OutcomeUnknown(Unreachable):
     not have acted on it. Only an idempotent request may simply be sent again."""
 
 
-class Unauthorized(Unreachable):
+class Refused(Unreachable):
+    """The peer refused the request at the HTTP level with a status that asking again cannot
+    change (4xx but 408 and 429): not a jobsched server, a proxy on the way, or a wrong token.
+    Clients that ride out an unreachable peer do not retry it."""
+
+
+class Unauthorized(Refused):
     """The peer answered HTTP 401: the token is missing or wrong."""
 
 
@@ -1574,7 +1580,7 @@ class _Transport:
             self.close()
         if response.status != 200:
             raise xmlrpc.client.ProtocolError(format_address(self.host, self.port) + "/RPC2",
-                                              response.status, response.reason,
+                                              response.status, _http_reason(response, reply),
                                               dict(response.getheaders()))
         if self.relay:
             return (_RelayedReply(reply),)
@@ -1590,6 +1596,17 @@ class _Transport:
         self.timeout = seconds
         if self.sock is not None:
             self.sock.settimeout(seconds)
+
+
+def _http_reason(response, body):
+    """The reason phrase of an HTTP error answer, with the "error" of a jobsched JSON body."""
+    try:
+        said = json.loads(body.decode("utf-8"))["error"] if len(body) < 4096 else None
+    except (ValueError, KeyError, TypeError):  # not jobsched's JSON: the phrase alone
+        said = None
+    if not isinstance(said, str) or not said:
+        return response.reason
+    return "%s (%s)" % (response.reason, said if len(said) <= 200 else said[:200] + "...")
 
 
 _CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ResponseError,
@@ -1651,6 +1668,10 @@ class RPCClient:
                 raise _TooLarge("%s refused the request: larger than its --max-request (HTTP "
                                  "413); send less in one call, or raise its --max-request"
                                  % self.address) from None
+            if 400 <= e.errcode < 500 and e.errcode not in (408, 429):
+                raise Refused("%s refused the request: HTTP %d %s; is it a jobsched server, and "
+                              "is this its address (no proxy on the way)?"
+                              % (self.address, e.errcode, e.errmsg)) from None
             raise Unreachable("%s answered HTTP %d %s" % (self.address, e.errcode, e.errmsg)) from None
         except Exception as e:  # whatever a peer makes of a call is this peer's failure
             transport.close()
@@ -2684,7 +2705,7 @@ class Worker(_Role):
                 self._registered = False
                 break
             except Exception as e:  # JobschedError, or a peer that is not a jobsched scheduler
-                if isinstance(e, BadRequest) and not registered:  # asking again cannot help
+                if isinstance(e, (BadRequest, Refused)) and not registered:  # asking again cannot help
                     self.fatal_error = "scheduler %s refused to register this worker: %s" % (
                         scheduler.address, e)
                     log.error("%s", self.fatal_error)
@@ -5933,7 +5954,7 @@ def _speaks_tls(address, timeout):
 _TLS_PORT_SYMPTOMS = (ConnectionResetError, BrokenPipeError, http.client.HTTPException)
 
 
-class _PlainHTTPToTLS(Unreachable):
+class _PlainHTTPToTLS(Refused):
     """Plain HTTP met a TLS port: unlike other Unreachable errors, waiting will not help."""
 
 
@@ -6349,7 +6370,7 @@ class _Follower:
             try:
                 result = func(*args)
             except (Unavailable, NotFound) as e:  # Unreachable is an Unavailable
-                if self.patience is None or isinstance(e, (Unauthorized, _PlainHTTPToTLS)) or (
+                if self.patience is None or isinstance(e, Refused) or (
                         isinstance(e, NotFound) and not self.known):
                     raise
                 now = time.monotonic()

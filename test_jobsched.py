@@ -4545,7 +4545,8 @@ class _ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 class ScriptedPeer(http.server.BaseHTTPRequestHandler):
     """An XML-RPC peer whose answers a test scripts: ``server.answer(method, params, n)`` (n
-    counts the requests) returns the reply body, or None to close without answering."""
+    counts the requests) returns the reply body, (HTTP status, body), or None to close without
+    answering."""
     protocol_version = "HTTP/1.1"
 
     def do_POST(self):
@@ -4555,7 +4556,8 @@ class ScriptedPeer(http.server.BaseHTTPRequestHandler):
         if reply is None:
             self.close_connection = True
             return
-        self.send_response(200)
+        status, reply = reply if isinstance(reply, tuple) else (200, reply)
+        self.send_response(status)
         self.send_header("Content-Type", "text/xml")
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
@@ -4920,6 +4922,37 @@ class OddPeerTest(ClusterTestCase):
         self.assertIn("jobsched: error: scheduler %s refused to register this worker: no room for "
                       "127.0.0.1:" % refusing.address, stderr)
         self.assertNotIn("Traceback", stderr)
+
+
+    def test_an_http_refusal_is_not_retried_and_a_busy_answer_is(self):
+        """A 4xx answer (but 408 and 429) is Refused: not a jobsched server, or a proxy on the
+        way; clients that ride out an unreachable peer give up at once, and a worker that
+        cannot register exits 2. A 503 may pass: it is retried."""
+        _, refusing = scripted_peer(self, lambda method, params, n: (
+            404, b'{"error": "no such route: POST /RPC2"}'))
+        _, busy = scripted_peer(self, lambda method, params, n: (503, b"busy"))
+        error = fault_of(jobsched.Client(refusing).info)
+        self.assertIs(type(error), jobsched.Refused)
+        self.assertIsInstance(error, jobsched.Unreachable)
+        self.assertIn("refused the request: HTTP 404 Not Found (no such route: POST /RPC2)",
+                      str(error))
+        submitted = self.cli("submit", "--scheduler", refusing, "--reconnect", "600", "--", "true")
+        stderr = submitted.stderr.decode()
+        self.assertEqual(submitted.returncode, 1, stderr)
+        self.assertEqual(submitted.stdout, b"")
+        self.assertIn("HTTP 404 Not Found", stderr)
+        self.assertNotIn("retrying", stderr)
+        self.assertNotIn("Traceback", stderr)
+        submitted = self.cli("submit", "--scheduler", busy, "--reconnect", "1", "--", "true")
+        stderr = submitted.stderr.decode()
+        self.assertEqual(submitted.returncode, 1, stderr)
+        self.assertIn("answered HTTP 503 Service Unavailable; retrying for up to 1 s", stderr)
+        self.assertIn("nothing was queued", stderr)
+        worker = self.cli(*worker_args(refusing, self.tempdir()), timeout=20)
+        stderr = worker.stderr.decode()
+        self.assertEqual(worker.returncode, 2, stderr)
+        self.assertIn("refused to register this worker: %s refused the request: HTTP 404"
+                      % refusing, stderr)
 
 
 class TLSKeepAliveTest(CertificatesTestCase):
