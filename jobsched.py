@@ -6462,7 +6462,8 @@ def _write_counted(out, data, counted):
 
 def _print_ids(job_ids):
     """Write the ids to stdout, one a line, every one of them: a stop signal while they go out
-    is noted (a second one raises); returns the number of the one noted, else None."""
+    is noted (a second one raises); returns the number of the one noted, else None. A block
+    held when it is called (_submit_surely's keep_held) ends with the first write."""
     data = "".join(job_id + "\n" for job_id in job_ids).encode("ascii")
     done, noted = [0], None
 
@@ -6547,7 +6548,7 @@ def cmd_submit(args):
 def _submit_lines(client, args, lines):
     """submit once its lines are read: the ids on stdout once queued (_submit_surely), and also
     when they may have been."""
-    job_ids, ended_by, unsure, why = _submit_surely(client, args, lines)
+    job_ids, ended_by, unsure, why = _submit_surely(client, args, lines, keep_held=True)
     if job_ids is None:
         try:
             if unsure:
@@ -6557,7 +6558,10 @@ def _submit_lines(client, args, lines):
         finally:
             _say(why)
         return ended_by  # the exit status
-    noted = _print_ids(job_ids)
+    try:
+        noted = _print_ids(job_ids)
+    finally:
+        _STOP_SIGNALS.__exit__()  # held still if the first write failed
     ended_by = ended_by or noted
     if ended_by is not None:
         _say("interrupted; the jobs were queued")
@@ -6701,25 +6705,30 @@ def _place_and_run(client, args):
     return _run_to_the_end(client, placed[0], args, ended_by and _stop_reason(ended_by))
 
 
-def _submit_surely(client, args, lines):
+def _submit_surely(client, args, lines, keep_held=False):
     """Queue the jobs of command lines ``lines``, with the options of args, under ids made here:
     a submit that fails for a reason that may pass is sent again, as _Follower.call() retries,
     for up to --reconnect seconds, and the queue takes an id once. Each call is a held block,
-    so that a signal during it waits for its answer. Returns (the job ids, the number of a stop
-    signal that came after the answer, else None, None) once queued; else (None, the exit
-    status, the ids that may have been queued or None, what to say), for the caller to say."""
+    so that a signal during it waits for its answer; with ``keep_held`` an answered call's block
+    stays held, for the caller's first held write (_print_ids) to end. Returns (the job ids, the
+    number of a stop signal that came after the answer, else None, None) once queued; else
+    (None, the exit status, the ids that may have been queued or None, what to say), for the
+    caller to say."""
     placer = _Follower(client, None, patience=args.reconnect, quiet=getattr(args, "quiet", False))
     sent = []  # for each call: whether it may have reached the scheduler
     answer = []
 
     def submit(specs):
-        with _STOP_SIGNALS:
-            try:
-                answer.append(client.submit(specs))
-                return answer[0]
-            except JobschedError as e:  # a fault too: a signal noted meanwhile is acted on
-                sent.append(isinstance(e, OutcomeUnknown))
-                failed = e
+        _STOP_SIGNALS.__enter__()
+        try:
+            answer.append(client.submit(specs))
+            return answer[0]
+        except JobschedError as e:  # a fault too: a signal noted meanwhile is acted on
+            sent.append(isinstance(e, OutcomeUnknown))
+            failed = e
+        finally:
+            if not (answer and keep_held):
+                _STOP_SIGNALS.__exit__()
         _STOP_SIGNALS.raise_noted()  # and asked to stop: no more tries
         raise failed
     specs = []

@@ -6509,6 +6509,30 @@ class QueueCommandLineTest(ClusterTestCase):
             [out.split()[0].decode()[:24]], [{"array": 5000}])])
         self.assertEqual(client.info()["queued"], 5000)
 
+    def test_submit_prints_the_ids_when_a_signal_comes_between_the_answer_and_the_write(self):
+        # The answer's ids signal as they are read to be printed: between the submit call's
+        # held block and the first write, which the hold now spans.
+        script = (
+            "import os, signal, sys\n"
+            "sys.path.insert(0, %r)\n"
+            "import jobsched\n"
+            "class Ids(list):\n"
+            "    def __iter__(self):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        return list.__iter__(self)\n"
+            "class Client:\n"
+            "    def submit(self, specs):\n"
+            "        return Ids(spec['job_id'] for spec in specs)\n"
+            "args = jobsched.build_parser().parse_args(['submit', '--', 'true'])\n"
+            "sys.exit(jobsched._with_stop_signals(jobsched._submit_lines, Client(), args,\n"
+            "                                     [['true'], ['false']]))\n" % HERE)
+        done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual((done.returncode, done.stderr),
+                         (128 + signal.SIGTERM, b"jobsched: interrupted; the jobs were queued\n"))
+        self.assertEqual(len(done.stdout.split()), 2)
+        self.assertTrue(all(map(jobsched._is_uuid, done.stdout.decode().split())), done.stdout)
+
     def test_a_file_of_jobs_is_split_as_shlex_splits_each_line(self):
         # Plain lines take a quicker way than shlex: the words must come out the same.
         rng = random.Random(7)
