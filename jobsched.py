@@ -6312,10 +6312,21 @@ def _start_options(args):
 
 
 def _start_from_args(client, args):
+    """start's job, under an id made here: a lost answer can then name the job to look for."""
     if not args.command:
         raise ConfigError("no command given: jobsched %s [options] -- COMMAND [ARG...]" % args.cmd)
     worker_id = _resolve(client, args.worker, "worker") if args.worker else ""
-    return client.start(worker_id, args.command[0], args.path, _start_options(args))
+    options = dict(_start_options(args), job_id=str(uuid.uuid4()))
+    try:
+        return client.start(worker_id, args.command[0], args.path, options)
+    except OutcomeUnknown as e:
+        raise OutcomeUnknown("%s; job %s may have started: see jobsched.py query %s, and stop it "
+                             "if it was" % (e, options["job_id"], options["job_id"])) from None
+    except BadRequest as e:
+        if "unknown option 'job_id'" not in str(e):
+            raise
+    del options["job_id"]  # refused: a scheduler older than 1.1 names its jobs itself
+    return client.start(worker_id, args.command[0], args.path, options)
 
 
 def cmd_start(args):

@@ -3390,6 +3390,42 @@ class IdempotentStartTest(ClusterTestCase):
         self.assertEqual(client.start("sh", "", options), job_id)
         self.assertEqual(client.query(job_id)["state"], "stopped")
 
+    def test_start_on_the_command_line_names_its_job_when_the_answer_is_lost(self):
+        class LosesAnswers(jobsched.Scheduler):
+            def start(self, *args, **kwargs):
+                job_id = super().start(*args, **kwargs)
+                time.sleep(2.5)  # started; answered after the client gave up
+                return job_id
+        scheduler = self.scheduler(LosesAnswers)
+        self.worker(scheduler)
+        client = self.client(scheduler)
+        wait_until(lambda: client.workers(), message="the worker to register")
+        done = self.cli("start", "--scheduler", scheduler.address, "--rpc-timeout", "1", "--",
+                        "true")
+        self.assertEqual((done.returncode, done.stdout), (1, b""), done.stderr)
+        said = re.fullmatch(r"jobsched: error: no answer from [^\n]*timed out; job ([-0-9a-f]{36}) "
+                            r"may have started: see jobsched.py query \1, and stop it if it was\n",
+                            done.stderr.decode())
+        self.assertIsNotNone(said, done.stderr)
+        self.assertEqual(self.wait_done(client, said.group(1))["state"], "succeeded")
+        self.assertEqual([job["job_id"] for job in client.jobs()], [said.group(1)])
+
+    def test_start_on_the_command_line_works_with_a_scheduler_that_names_every_job(self):
+        class Older(jobsched.Scheduler):  # as 1.0 was: no job_id option
+            def start(self, worker_id, command, path, options=None):
+                if "job_id" in (options or {}):
+                    raise jobsched.BadRequest("unknown option 'job_id' (known: args, env, cwd, "
+                                              "timeout)")
+                return super().start(worker_id, command, path, options)
+        scheduler = self.scheduler(Older)
+        self.worker(scheduler)
+        client = self.client(scheduler)
+        wait_until(lambda: client.workers(), message="the worker to register")
+        done = self.cli("start", "--scheduler", scheduler.address, "--", "true")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(self.wait_done(client, done.stdout.decode().strip())["state"], "succeeded")
+        self.assertEqual(len(client.jobs()), 1)
+
     def test_job_id_must_be_a_uuid(self):
         worker = self.worker(None)
         client = self.client(worker)
