@@ -3232,7 +3232,7 @@ class QueueEntry:
     the last 12 hex digits. An array's jobs become QueueJobs one at a time, as they are taken from
     the queue, so 10000 waiting jobs cost one object. Fields guarded by JobQueue.lock."""
     __slots__ = ("key", "seq", "submitted_at", "spec", "count", "next", "skip", "unmet",
-                 "cancelled", "size", "met")
+                 "cancelled", "size", "met", "too_large_on")
 
     def __init__(self, key, seq, submitted_at, spec):
         self.key, self.seq, self.submitted_at = key, seq, submitted_at
@@ -3242,6 +3242,7 @@ class QueueEntry:
         self.skip = None       # indices >= next cancelled one by one
         self.cancelled = None  # the reason, once the whole entry is cancelled
         self.met = None        # the dependencies met so far, while others are not
+        self.too_large_on = None  # workers that refused its start as over their --max-request
 
     def job_id(self, index):
         return self.key if self.count is None else "%s%012x" % (self.key, index)
@@ -3374,6 +3375,7 @@ class JobQueue:
         self._entries = {}   # QueueEntry with jobs left to take -> None, in submission order
         self._heaps = {"": []}  # "", a pinned worker_id or an on_key() -> heap of (order, item)
         self._labels = {}  # worker_id -> labels of the online workers, as of the last plan()
+        self._set_aside = []  # (heap target, heap item) that plan() looked past, put back after
         self._requeued = {}  # QueueJobs back in the queue -> None
         self._waiters = {}   # job id -> [QueueEntry waiting for it to succeed]
         self._busy = {}      # worker_id -> {QueueJob} started or being started there, not ended
@@ -3594,6 +3596,9 @@ class JobQueue:
         on = entry.spec.get("on")
         if on and not any(labels_match(labels, on) for labels in online.values()):
             return "no online worker matches %s" % format_labels(on)
+        if entry.too_large_on:
+            return "waiting for a free slot on a worker other than %s (over their --max-request)" \
+                % ", ".join(sorted(entry.too_large_on))
         return "waiting for a free slot"
 
     def _queued_struct(self, entry, index, job, online):
@@ -3757,16 +3762,21 @@ class JobQueue:
                         count = min(slots - len(self._busy.get(worker_id, ())), MAX_START_BATCH)
                         if count > 0:
                             free[worker_id] = count
-                while free:
-                    job, worker_id = self._take(free)
-                    if job is None:
-                        break
-                    job.state, job.worker_id = "dispatching", worker_id
-                    self._busy.setdefault(worker_id, set()).add(job)
-                    starts.setdefault(worker_id, []).append(job)
-                    free[worker_id] -= 1
-                    if not free[worker_id]:
-                        del free[worker_id]
+                try:
+                    while free:
+                        job, worker_id = self._take(free)
+                        if job is None:
+                            break
+                        job.state, job.worker_id = "dispatching", worker_id
+                        self._busy.setdefault(worker_id, set()).add(job)
+                        starts.setdefault(worker_id, []).append(job)
+                        free[worker_id] -= 1
+                        if not free[worker_id]:
+                            del free[worker_id]
+                finally:
+                    for target, item in self._set_aside:
+                        heapq.heappush(self._heaps[target], item)
+                    del self._set_aside[:]
                 self._calling.update(settles)
             if starts:
                 try:
@@ -3793,19 +3803,22 @@ class JobQueue:
         targets += [key for key in self._heaps if isinstance(key, tuple) and self._heaps[key]]
         for target in targets:
             heap = self._heaps[target]
-            while heap and not self._ready(heap[0][3]):
-                heapq.heappop(heap)
+            if isinstance(target, tuple):
+                takers = self._matching(target, free)
+                if not takers:
+                    continue  # no free worker matches: every job of this heap waits
+            else:
+                takers = (target,) if target else free
+            while heap and (not self._ready(heap[0][3]) or not self._fits(heap[0][3], takers)):
+                item = heapq.heappop(heap)
+                if self._ready(item[3]):  # too large for the free workers: back after this plan
+                    self._set_aside.append((target, item))
             if heap and (best is None or heap[0][:3] < best[1][:3]):
-                if isinstance(target, tuple) and not self._matching(target, free):
-                    continue
-                best = (target, heap[0])
+                best = (target, heap[0], takers)
         if best is None:
             return None, None
-        target, (_, _, _, item) = best
-        if isinstance(target, tuple):
-            worker_id = max(self._matching(target, free), key=free.get)
-        else:
-            worker_id = target or max(free, key=free.get)
+        target, (_, _, _, item), takers = best
+        worker_id = max(self._fits(item, takers), key=free.get)
         heap = self._heaps[target]
         if isinstance(item, QueueJob):
             heapq.heappop(heap)
@@ -3823,6 +3836,23 @@ class JobQueue:
             heapq.heappop(heap)
             self._used_up(entry)
         return job, worker_id
+
+    @staticmethod
+    def _fits(item, takers):
+        """The workers of takers (ids) that a heap's item is not too large for."""
+        entry = item if isinstance(item, QueueEntry) else item.entry
+        if not entry.too_large_on:
+            return takers
+        return [worker_id for worker_id in takers if worker_id not in entry.too_large_on]
+
+    def _elsewhere(self, entry, refusing):
+        """True if an online worker besides refusing, and those entry was too large for, may
+        take entry's jobs (under lock)."""
+        if entry.spec.get("worker_id"):
+            return False
+        on, refused = entry.spec.get("on"), entry.too_large_on or ()
+        return any(worker_id != refusing and worker_id not in refused and
+                   (not on or labels_match(labels, on)) for worker_id, labels in self._labels.items())
 
     def _matching(self, key, workers):
         """The workers (ids) whose labels match the on_key() key."""
@@ -3874,6 +3904,10 @@ class JobQueue:
                     elif code == UNAVAILABLE and not isinstance(answer, Unreachable):
                         self._requeue(job)
                         self._full.add(worker_id)
+                        self._note("q", job.job_id)
+                    elif isinstance(answer, _TooLarge) and self._elsewhere(job.entry, worker_id):
+                        job.entry.too_large_on = (job.entry.too_large_on or set()) | {worker_id}
+                        self._requeue(job)
                         self._note("q", job.job_id)
                     elif code == BAD_REQUEST:
                         self._end(job, ("failed", text, worker_id) + (None,) * 6)
@@ -4689,7 +4723,8 @@ class Scheduler(_Role):
                 return self._start_on(rec, command, path, options)
             except OutcomeUnknown:
                 raise
-            except Unavailable as e:  # full, disk full, shutting down, or never reached: next
+            except (Unavailable, _TooLarge) as e:  # full, disk full, shutting down, never
+                # reached, or the job over its --max-request: next
                 log.info("worker %s refused a job: %s", rec.worker_id, e)
                 tried.add(rec.worker_id)
                 refusals.append((rec.worker_id, e))

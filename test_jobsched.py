@@ -5536,6 +5536,50 @@ class QueueTest(ClusterTestCase):
         self.assertEqual(alone["state"], "failed")
         self.assertIn("larger than its --max-request (HTTP 413)", alone["error_text"])
 
+    def test_a_job_over_one_workers_max_request_goes_to_another(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        small = self.worker(scheduler, slots=8, max_request=64 * 1024, labels={"rack": "a"})
+        large = self.worker(scheduler, slots=1, labels={"rack": "b"})  # fewest free slots
+        client = self.client(scheduler)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 2,
+                   message="workers to register")
+        env = {"A": "x" * 40000, "B": "x" * 40000}  # over the small worker's limit
+        ids = client.submit([{"command": "true", "env": env},
+                             {"command": "true", "env": env, "array": 2},
+                             {"command": "true", "env": env, "on": {"rack": "a"}},
+                             {"command": "true"}])
+        for job_id in ids[:3]:
+            job = self.wait_done(client, job_id)
+            self.assertEqual((job["state"], job["worker_id"]), ("succeeded", large.worker_id), job)
+        only_small = self.wait_done(client, ids[3])  # no other worker may take it: refused
+        self.assertEqual((only_small["state"], only_small["worker_id"]), ("failed", small.worker_id))
+        self.assertIn("larger than its --max-request (HTTP 413)", only_small["error_text"])
+        self.assertEqual(self.wait_done(client, ids[4])["state"], "succeeded")
+        # start (not queued) moves on to the next worker as well
+        job_id = client.start("", "true", "", {"env": env})
+        self.assertEqual(self.wait_done(client, job_id)["worker_id"], large.worker_id)
+
+    def test_a_job_waits_for_the_one_worker_whose_max_request_it_fits(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        small = self.worker(scheduler, slots=4, max_request=64 * 1024)
+        large = self.worker(scheduler, slots=1)
+        client = self.client(scheduler)
+        wait_until(lambda: sum(w["online"] for w in client.workers()) == 2,
+                   message="workers to register")
+        holder, release = self.hold_slot(client, worker_id=large.worker_id)
+        env = {"A": "x" * 40000, "B": "x" * 40000}  # over the small worker's limit
+        big, plain = client.submit([{"command": "true", "env": env}, {"command": "true"}])
+        wait_until(lambda: "over their --max-request" in client.query(big).get("reason", ""),
+                   message="the big job to wait for the large worker")
+        queued = client.query(big)
+        self.assertEqual(queued["state"], "queued")
+        self.assertEqual(queued["reason"], "waiting for a free slot on a worker other than %s "
+                                           "(over their --max-request)" % small.worker_id)
+        self.assertEqual(self.wait_done(client, plain)["worker_id"], small.worker_id)  # not held up
+        release()
+        job = self.wait_done(client, big)
+        self.assertEqual((job["state"], job["worker_id"]), ("succeeded", large.worker_id))
+
     def hold_slot(self, client, **spec):
         """Queue a job that keeps its slot until the returned release() is called."""
         gate = os.path.join(self.tempdir(), "gate")
