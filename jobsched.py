@@ -1598,15 +1598,20 @@ class _Transport:
             self.sock.settimeout(seconds)
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _http_reason(response, body):
     """The reason phrase of an HTTP error answer, with the "error" of a jobsched JSON body."""
     try:
         said = json.loads(body.decode("utf-8"))["error"] if len(body) < 4096 else None
     except (ValueError, KeyError, TypeError):  # not jobsched's JSON: the phrase alone
         said = None
-    if not isinstance(said, str) or not said:
-        return response.reason
-    return "%s (%s)" % (response.reason, said if len(said) <= 200 else said[:200] + "...")
+    reason = _CONTROL_CHARS.sub(" ", response.reason or "").strip()
+    said = " ".join(_CONTROL_CHARS.sub(" ", said).split()) if isinstance(said, str) else ""
+    if not said:
+        return reason
+    return "%s (%s)" % (reason, said if len(said) <= 200 else said[:200] + "...")
 
 
 _CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ResponseError,
@@ -1668,11 +1673,13 @@ class RPCClient:
                 raise _TooLarge("%s refused the request: larger than its --max-request (HTTP "
                                  "413); send less in one call, or raise its --max-request"
                                  % self.address) from None
+            status = ("HTTP %d %s" % (e.errcode, e.errmsg)).rstrip()
             if 400 <= e.errcode < 500 and e.errcode not in (408, 429):
-                raise Refused("%s refused the request: HTTP %d %s; is it a jobsched server, and "
-                              "is this its address (no proxy on the way)?"
-                              % (self.address, e.errcode, e.errmsg)) from None
-            raise Unreachable("%s answered HTTP %d %s" % (self.address, e.errcode, e.errmsg)) from None
+                raise Refused("%s refused the request: %s; is it a jobsched server, and is this "
+                              "its address (no proxy on the way)?" % (self.address, status)) from None
+            if e.errcode >= 500:  # never jobsched's own: a proxy, which may have passed it on
+                raise OutcomeUnknown("%s answered %s" % (self.address, status)) from None
+            raise Unreachable("%s answered %s" % (self.address, status)) from None
         except Exception as e:  # whatever a peer makes of a call is this peer's failure
             transport.close()
             if not isinstance(e, _CONNECTION_ERRORS) and not self._logged_unexpected:
@@ -2677,6 +2684,7 @@ class Worker(_Role):
         heartbeats from the ends the reporter thread sends at once (see _report_loop)."""
         scheduler = RPCClient(self.scheduler, security=self.security, timeout=self.rpc_timeout)
         registered, failures, delay, last_beat = False, 0, 0.0, 0.0
+        ever_registered = False  # a refusal is fatal only before: after, the jobs go on
         while True:
             if registered and not failures:
                 self._beat_now.wait(delay)
@@ -2693,7 +2701,7 @@ class Worker(_Role):
                 else:
                     self._call_counting(scheduler, "register", self.advertise)
                     log.info("registered with scheduler %s as %s", scheduler.address, self.worker_id)
-                    registered = True
+                    registered = ever_registered = True
                 failures, delay = 0, self.heartbeat
             except NotFound:  # the scheduler restarted and forgot us: same id, at once
                 registered, delay = False, 0.0
@@ -2705,7 +2713,7 @@ class Worker(_Role):
                 self._registered = False
                 break
             except Exception as e:  # JobschedError, or a peer that is not a jobsched scheduler
-                if isinstance(e, (BadRequest, Refused)) and not registered:  # asking again cannot help
+                if isinstance(e, (BadRequest, Refused)) and not ever_registered:  # asking again cannot help
                     self.fatal_error = "scheduler %s refused to register this worker: %s" % (
                         scheduler.address, e)
                     log.error("%s", self.fatal_error)
@@ -6509,7 +6517,8 @@ def _write_counted(out, data, counted):
 def _print_ids(job_ids):
     """Write the ids to stdout, one a line, every one of them: a stop signal while they go out
     is noted (a second one raises); returns the number of the one noted, else None. A block
-    held when it is called (_submit_surely's keep_held) ends with the first write."""
+    held when it is called (_submit_surely's keep_held) ends once the ids are ready to go, its
+    signal noted as the first: a second one can then end a wait for room in stdout."""
     data = "".join(job_id + "\n" for job_id in job_ids).encode("ascii")
     done, noted = [0], None
 
@@ -6517,6 +6526,9 @@ def _print_ids(job_ids):
         done[0] += written
     while done[0] < len(data):
         try:
+            if _STOP_SIGNALS.holding:
+                noted = _STOP_SIGNALS.take()
+                _STOP_SIGNALS.__exit__()
             _write_counted(sys.stdout.buffer, data[done[0]:], counted)
         except (KeyboardInterrupt, _Signalled) as e:
             if noted is not None:
@@ -6606,6 +6618,11 @@ def _submit_lines(client, args, lines):
         return ended_by  # the exit status
     try:
         noted = _print_ids(job_ids)
+    except (KeyboardInterrupt, _Signalled) as e:  # a second signal: stdout took too long
+        _say("interrupted before every id was written; %s" % (
+            "job %s was queued" % job_ids[0] if len(job_ids) == 1 else
+            "the %d jobs were queued, the first is %s" % (len(job_ids), job_ids[0])))
+        return _interrupted_status(e)
     finally:
         _STOP_SIGNALS.__exit__()  # held still if the first write failed
     ended_by = ended_by or noted

@@ -310,11 +310,11 @@ def worker_args(scheduler, state_dir, *extra):
             state_dir, "--heartbeat", "0.2", "--stop-grace", "1") + extra
 
 
-def popen_jobsched(case, args, env=None, preexec_fn=None):
-    """`python jobsched.py ARGS` with stdout and stderr piped; ended (SIGTERM, then SIGKILL)
-    and reaped at cleanup."""
+def popen_jobsched(case, args, env=None, preexec_fn=None, stdout=subprocess.PIPE):
+    """`python jobsched.py ARGS` with stdout (unless given) and stderr piped; ended (SIGTERM,
+    then SIGKILL) and reaped at cleanup."""
     proc = subprocess.Popen([sys.executable, JOBSCHED] + list(args), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            stdout=stdout, stderr=subprocess.PIPE, env=env,
                             preexec_fn=preexec_fn)
 
     def cleanup():
@@ -325,8 +325,9 @@ def popen_jobsched(case, args, env=None, preexec_fn=None):
             except subprocess.TimeoutExpired:
                 proc.kill()
         proc.wait(timeout=10)
-        proc.stdout.close()
-        proc.stderr.close()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
     case.addCleanup(cleanup)
     return proc
 
@@ -4963,10 +4964,10 @@ class OddPeerTest(ClusterTestCase):
     def test_an_http_refusal_is_not_retried_and_a_busy_answer_is(self):
         """A 4xx answer (but 408 and 429) is Refused: not a jobsched server, or a proxy on the
         way; clients that ride out an unreachable peer give up at once, and a worker that
-        cannot register exits 2. A 503 may pass: it is retried."""
+        cannot register exits 2. A 429 may pass: it is retried."""
         _, refusing = scripted_peer(self, lambda method, params, n: (
             404, b'{"error": "no such route: POST /RPC2"}'))
-        _, busy = scripted_peer(self, lambda method, params, n: (503, b"busy"))
+        _, busy = scripted_peer(self, lambda method, params, n: (429, b"busy"))
         error = fault_of(jobsched.Client(refusing).info)
         self.assertIs(type(error), jobsched.Refused)
         self.assertIsInstance(error, jobsched.Unreachable)
@@ -4982,13 +4983,59 @@ class OddPeerTest(ClusterTestCase):
         submitted = self.cli("submit", "--scheduler", busy, "--reconnect", "1", "--", "true")
         stderr = submitted.stderr.decode()
         self.assertEqual(submitted.returncode, 1, stderr)
-        self.assertIn("answered HTTP 503 Service Unavailable; retrying for up to 1 s", stderr)
+        self.assertIn("answered HTTP 429 Too Many Requests; retrying for up to 1 s", stderr)
         self.assertIn("nothing was queued", stderr)
         worker = self.cli(*worker_args(refusing, self.tempdir()), timeout=20)
         stderr = worker.stderr.decode()
         self.assertEqual(worker.returncode, 2, stderr)
         self.assertIn("refused to register this worker: %s refused the request: HTTP 404"
                       % refusing, stderr)
+
+
+    def test_a_registered_worker_rides_out_a_refused_registration(self):
+        # After a scheduler restart ("unknown worker"), a proxy's 404 to the registration is
+        # retried: only a worker that never registered gives up (and would stop its jobs).
+        ok = xmlrpc.client.dumps((True,), methodresponse=True).encode()
+        calls, refusals = [], [2]
+
+        def answer(method, params, count):
+            calls.append(method)
+            if method == "heartbeat" and calls.count("register") == 1:
+                return xmlrpc.client.dumps(xmlrpc.client.Fault(1, "unknown worker"),
+                                           methodresponse=True).encode()
+            if method == "register" and calls.count("register") > 1 and refusals[0]:
+                refusals[0] -= 1
+                return 404, b"default backend - 404"
+            return ok
+        _, address = scripted_peer(self, answer)
+        worker = self.worker(address, heartbeat=0.1)
+        wait_until(lambda: calls.count("register") >= 4 and calls[-1] == "heartbeat",
+                   message="the worker to register again after two refusals")
+        self.assertIsNone(worker.fatal_error)
+        self.assertEqual(self.client(worker).jobs(), [])  # still serving
+
+    def test_an_http_refusal_message_is_one_line(self):
+        _, address = scripted_peer(self, lambda method, params, n: (
+            404, b'{"error": "x\\njobsched: forged line\\r\\u2028end"}'))
+        error = str(fault_of(jobsched.Client(address).info))
+        self.assertIn("HTTP 404 Not Found (x jobsched: forged line end);", error)
+        self.assertEqual(error.splitlines(), [error])
+
+    def test_a_5xx_answer_may_have_been_acted_on_by_the_proxy(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        client = self.client(scheduler)
+
+        def answer(method, params, n):  # a proxy that passes the call on, then times out
+            client.call(method, *params)
+            return 504, b"Gateway Timeout"
+        _, proxy = scripted_peer(self, answer)
+        error = fault_of(jobsched.Client(proxy).info)
+        self.assertIs(type(error), jobsched.OutcomeUnknown)
+        done = self.cli("submit", "--scheduler", proxy, "--reconnect", "0", "--", "true")
+        (job_id,) = [job["job_id"] for job in client.jobs()]
+        self.assertEqual((done.returncode, done.stdout), (255, job_id.encode() + b"\n"))
+        self.assertIn("answered HTTP 504 Gateway Timeout; job %s may have been queued" % job_id,
+                      done.stderr.decode())
 
 
 class TLSKeepAliveTest(CertificatesTestCase):
@@ -6612,6 +6659,35 @@ class QueueCommandLineTest(ClusterTestCase):
                          (128 + signal.SIGTERM, b"jobsched: interrupted; the jobs were queued\n"))
         self.assertEqual(len(done.stdout.split()), 2)
         self.assertTrue(all(map(jobsched._is_uuid, done.stdout.decode().split())), done.stdout)
+
+    def test_submit_whose_stdout_stays_full_ends_on_a_second_signal(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        client = self.client(scheduler)
+        read_end, write_end = os.pipe()  # full before submit writes: nobody reads it
+        self.addCleanup(os.close, read_end)
+        os.set_blocking(write_end, False)
+        try:
+            while True:
+                os.write(write_end, b"x" * 4096)
+        except BlockingIOError:
+            pass
+        proc = popen_jobsched(self, ("submit", "--", "true"), stdout=write_end,
+                              env=cli_env(JOBSCHED_SCHEDULER=scheduler.address))
+        os.close(write_end)
+        wait_until(lambda: client.info()["queued"] == 1, message="the job to be queued")
+        (job_id,) = [job["job_id"] for job in client.jobs()]
+        for _ in range(20):  # the first is noted (the id is still to go), a later one ends it
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        self.assertIsNotNone(proc.returncode, "submit still runs after 20 SIGINTs")
+        err = proc.stderr.read()
+        self.assertEqual((proc.returncode, err), (130, (
+            "jobsched: interrupted before every id was written; job %s was queued\n"
+            % job_id).encode()))
 
     def test_a_file_of_jobs_is_split_as_shlex_splits_each_line(self):
         # Plain lines take a quicker way than shlex: the words must come out the same.
