@@ -2713,7 +2713,7 @@ class Worker(_Role):
                 self._registered = False
                 break
             except Exception as e:  # JobschedError, or a peer that is not a jobsched scheduler
-                if isinstance(e, (BadRequest, Refused)) and not ever_registered:  # asking again cannot help
+                if isinstance(e, (BadRequest, Refused)) and not ever_registered:  # for good
                     self.fatal_error = "scheduler %s refused to register this worker: %s" % (
                         scheduler.address, e)
                     log.error("%s", self.fatal_error)
@@ -6773,7 +6773,7 @@ def _submit_surely(client, args, lines, keep_held=False):
     a submit that fails for a reason that may pass is sent again, as _Follower.call() retries,
     for up to --reconnect seconds, and the queue takes an id once. Each call is a held block,
     so that a signal during it waits for its answer; with ``keep_held`` an answered call's block
-    stays held, for the caller's first held write (_print_ids) to end. Returns (the job ids, the
+    stays held, for the caller (_print_ids) to end once the ids are ready. Returns (the job ids, the
     number of a stop signal that came after the answer, else None, None) once queued; else
     (None, the exit status, the ids that may have been queued or None, what to say), for the
     caller to say."""
