@@ -2161,6 +2161,7 @@ class Job:
 
 
 MAX_START_BATCH = 64          # jobs started by one start_many call
+PLAN_LOOK_PAST = 1000         # jobs too large for every free worker one dispatch round looks past
 JOB_END_BACKLOG = 100000      # ended jobs a worker keeps to report while the scheduler is away
 JOB_END_GAP = 0.01            # s between two reports of ended jobs: a burst of ends goes in one
 #: what a worker reports of an ended job: the scheduler keeps no more (and parses less)
@@ -3605,8 +3606,14 @@ class JobQueue:
         if on and not any(labels_match(labels, on) for labels in online.values()):
             return "no online worker matches %s" % format_labels(on)
         if entry.too_large_on:
-            return "waiting for a free slot on a worker other than %s (over their --max-request)" \
-                % ", ".join(sorted(entry.too_large_on))
+            refused = sorted(entry.too_large_on)
+            named = ", ".join(refused[:3]) + (" and %d more" % (len(refused) - 3) if len(refused) > 3
+                                              else "")
+            if any(worker_id not in entry.too_large_on and (not on or labels_match(labels, on))
+                   for worker_id, labels in online.items()):
+                return "waiting for a free slot on a worker other than %s (over their " \
+                       "--max-request)" % named
+            return "no online worker takes it: over the --max-request of %s" % named
         return "waiting for a free slot"
 
     def _queued_struct(self, entry, index, job, online):
@@ -3818,10 +3825,13 @@ class JobQueue:
             else:
                 takers = (target,) if target else free
             while heap and (not self._ready(heap[0][3]) or not self._fits(heap[0][3], takers)):
+                if self._ready(heap[0][3]) and len(self._set_aside) >= PLAN_LOOK_PAST:
+                    break  # the jobs behind wait for the next round, or for these to start
                 item = heapq.heappop(heap)
                 if self._ready(item[3]):  # too large for the free workers: back after this plan
                     self._set_aside.append((target, item))
-            if heap and (best is None or heap[0][:3] < best[1][:3]):
+            if heap and (best is None or heap[0][:3] < best[1][:3]) \
+                    and self._fits(heap[0][3], takers):
                 best = (target, heap[0], takers)
         if best is None:
             return None, None
@@ -6354,28 +6364,41 @@ def _start_options(args):
     return options
 
 
-def _start_from_args(client, args):
-    """start's job, under an id made here: a lost answer can then name the job to look for."""
+def _start_from_args(client, args, sent):
+    """start's job, under an id made here, appended to ``sent`` as it goes: a lost answer can
+    then name the job to look for."""
     if not args.command:
         raise ConfigError("no command given: jobsched %s [options] -- COMMAND [ARG...]" % args.cmd)
     worker_id = _resolve(client, args.worker, "worker") if args.worker else ""
     options = dict(_start_options(args), job_id=str(uuid.uuid4()))
+    sent.append(options["job_id"])
     try:
         return client.start(worker_id, args.command[0], args.path, options)
     except OutcomeUnknown as e:
-        raise OutcomeUnknown("%s; job %s may have started: see jobsched.py query %s, and stop it "
-                             "if it was" % (e, options["job_id"], options["job_id"])) from None
+        raise OutcomeUnknown("%s; %s" % (e, _may_have_started(options["job_id"]))) from None
     except BadRequest as e:
         if "unknown option 'job_id'" not in str(e):
             raise
-    del options["job_id"]  # refused: a scheduler older than 1.1 names its jobs itself
+    del options["job_id"], sent[:]  # refused: a scheduler older than 1.1 names its jobs itself
     return client.start(worker_id, args.command[0], args.path, options)
+
+
+def _may_have_started(job_id):
+    return "job %s may have started: see jobsched.py query %s, and stop it if it was" % (
+        job_id, job_id)
 
 
 def cmd_start(args):
     if args.all:
         return _start_all(args)
-    print(_start_from_args(_client_from_args(args), args))
+    sent = []
+    try:
+        print(_start_from_args(_client_from_args(args), args, sent))
+    except KeyboardInterrupt:  # its answer lost: the job is named, as for no answer
+        if not sent:
+            raise
+        _say("interrupted; " + _may_have_started(sent[0]))
+        return 130
     return 0
 
 
@@ -6514,21 +6537,26 @@ def _write_counted(out, data, counted):
         _STOP_SIGNALS.raise_noted()
 
 
-def _print_ids(job_ids):
+def _print_ids(job_ids, noted=None):
     """Write the ids to stdout, one a line, every one of them: a stop signal while they go out
-    is noted (a second one raises); returns the number of the one noted, else None. A block
-    held when it is called (_submit_surely's keep_held) ends once the ids are ready to go, its
-    signal noted as the first: a second one can then end a wait for room in stdout."""
+    is noted (a second one raises; ``noted``: the number of one that came before); returns the
+    number of the one noted, else None. A block held when it is called (_submit_surely's
+    keep_held) ends once the ids are ready to go, its signal noted as the first: a second one can
+    then end a wait for room in stdout."""
     data = "".join(job_id + "\n" for job_id in job_ids).encode("ascii")
-    done, noted = [0], None
+    done = [0]
 
     def counted(written):
         done[0] += written
     while done[0] < len(data):
         try:
             if _STOP_SIGNALS.holding:
-                noted = _STOP_SIGNALS.take()
+                later = _STOP_SIGNALS.take()
                 _STOP_SIGNALS.__exit__()
+                if noted is None:
+                    noted = later
+                elif later is not None:  # a second one, since the answer
+                    _raise_stop_signal(later)
             _write_counted(sys.stdout.buffer, data[done[0]:], counted)
         except (KeyboardInterrupt, _Signalled) as e:
             if noted is not None:
@@ -6617,7 +6645,7 @@ def _submit_lines(client, args, lines):
             _say(why)
         return ended_by  # the exit status
     try:
-        noted = _print_ids(job_ids)
+        ended_by = _print_ids(job_ids, ended_by)
     except (KeyboardInterrupt, _Signalled) as e:  # a second signal: stdout took too long
         _say("interrupted before every id was written; %s" % (
             "job %s was queued" % job_ids[0] if len(job_ids) == 1 else
@@ -6625,7 +6653,6 @@ def _submit_lines(client, args, lines):
         return _interrupted_status(e)
     finally:
         _STOP_SIGNALS.__exit__()  # held still if the first write failed
-    ended_by = ended_by or noted
     if ended_by is not None:
         _say("interrupted; the jobs were queued")
         return 128 + ended_by  # 130 for SIGINT, as _interrupted_status() says

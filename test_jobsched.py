@@ -332,6 +332,20 @@ def popen_jobsched(case, args, env=None, preexec_fn=None, stdout=subprocess.PIPE
     return proc
 
 
+def full_pipe(case):
+    """A pipe full before anyone writes, that nobody reads: (read end, write end, blocking)."""
+    read_end, write_end = os.pipe()
+    case.addCleanup(os.close, read_end)
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_end, True)
+    return read_end, write_end
+
+
 def run_limited(case, max_file_size, *args):
     """Start `jobsched.py ARGS` with RLIMIT_FSIZE: every write past max_file_size bytes fails
     with EFBIG, as on a full disk. Returns (proc, address) once listening, or the proc if it
@@ -3427,6 +3441,29 @@ class IdempotentStartTest(ClusterTestCase):
         self.assertEqual(self.wait_done(client, done.stdout.decode().strip())["state"], "succeeded")
         self.assertEqual(len(client.jobs()), 1)
 
+    def test_start_on_the_command_line_names_its_job_when_interrupted(self):
+        arrived = threading.Event()
+        class Slow(jobsched.Scheduler):
+            def start(self, *args, **kwargs):
+                arrived.set()
+                time.sleep(1.0)  # the answer comes after Ctrl-C
+                return super().start(*args, **kwargs)
+        scheduler = self.scheduler(Slow)
+        self.worker(scheduler)
+        client = self.client(scheduler)
+        wait_until(lambda: client.workers(), message="the worker to register")
+        proc = popen_jobsched(self, ("start", "--scheduler", scheduler.address, "--", "true"),
+                              env=cli_env())
+        self.assertTrue(arrived.wait(30))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        said = re.fullmatch(r"jobsched: interrupted; job ([-0-9a-f]{36}) may have started: see "
+                            r"jobsched.py query \1, and stop it if it was\n", err.decode())
+        self.assertEqual((proc.returncode, out), (130, b""), err)
+        self.assertIsNotNone(said, err)
+        wait_until(lambda: client.jobs(), message="the start to go on")  # answered to no one
+        self.assertEqual(self.wait_done(client, said.group(1))["state"], "succeeded")
+
     def test_job_id_must_be_a_uuid(self):
         worker = self.worker(None)
         client = self.client(worker)
@@ -5867,6 +5904,33 @@ class QueueTest(ClusterTestCase):
         queue.jobs_ended(worker_id, [{"job_id": job.job_id, "state": "succeeded"} for job in jobs])
         return [job.job_id for job in jobs]
 
+    def test_a_round_looks_past_a_bounded_number_of_jobs_too_large_for_the_free_workers(self):
+        self.addCleanup(setattr, jobsched, "PLAN_LOOK_PAST", jobsched.PLAN_LOOK_PAST)
+        queue = jobsched.JobQueue()
+        self.addCleanup(queue.close)
+        big = queue.submit([{"command": "big"} for _ in range(3)], {})
+        starts, _ = queue.plan([("small", 8, {}), ("large", 1, {})])
+        self.assertEqual([job.job_id for job in starts["small"]], big)  # most free slots
+        refusal = jobsched._TooLarge("small refused the request: larger than its --max-request")
+        queue.started("small", starts["small"], [refusal] * 3)  # "large" may take them: queued
+        self.assertEqual(len(queue), 3)
+        (plain,) = queue.submit([{"command": "plain"}], {})
+        jobsched.PLAN_LOOK_PAST = 2  # "large" is full: the round looks past two big jobs only
+        self.assertEqual(queue.plan([("small", 8, {}), ("large", 0, {})])[0], {})
+        jobsched.PLAN_LOOK_PAST = 1000
+        starts, _ = queue.plan([("small", 8, {}), ("large", 0, {})])
+        self.assertEqual({w: [job.job_id for job in jobs] for w, jobs in starts.items()},
+                         {"small": [plain]})
+        struct = queue.describe(big[0], {"small": {}, "large": {}})[0]
+        self.assertEqual((struct["state"], struct["reason"]), ("queued", (
+            "waiting for a free slot on a worker other than small (over their --max-request)")))
+        struct = queue.describe(big[0], {"small": {}})[0]  # "large" went offline: it waits
+        self.assertEqual(struct["reason"], "no online worker takes it: over the --max-request "
+                                           "of small")
+        starts, _ = queue.plan([("small", 8, {}), ("large", 1, {})])  # none set aside is lost
+        self.assertEqual([job.job_id for job in starts["large"]], big[:1])
+        self.assertEqual(len(queue), 2)
+
     def test_an_array_sent_again_once_its_first_job_is_forgotten_is_not_queued_again(self):
         self.short_history(3)
         queue = jobsched.JobQueue(self.tempdir())
@@ -6636,41 +6700,56 @@ class QueueCommandLineTest(ClusterTestCase):
             [out.split()[0].decode()[:24]], [{"array": 5000}])])
         self.assertEqual(client.info()["queued"], 5000)
 
-    def test_submit_prints_the_ids_when_a_signal_comes_between_the_answer_and_the_write(self):
-        # The answer's ids signal as they are read to be printed: between the submit call's
-        # held block and the first write, which the hold now spans.
+    def submit_with_fake_client(self, on_call, on_ids, stdout=subprocess.PIPE):
+        """`submit` of two jobs by _submit_lines in a process of its own, whose client's submit
+        runs on_call (Python source) before it answers, and whose answer's ids run on_ids as
+        they are read to be printed; returns (status, stdout, stderr, job_ids)."""
         script = (
             "import os, signal, sys\n"
             "sys.path.insert(0, %r)\n"
             "import jobsched\n"
             "class Ids(list):\n"
             "    def __iter__(self):\n"
-            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        %s\n"
             "        return list.__iter__(self)\n"
             "class Client:\n"
             "    def submit(self, specs):\n"
+            "        %s\n"
+            "        print(*[spec['job_id'] for spec in specs], file=sys.stderr)\n"
             "        return Ids(spec['job_id'] for spec in specs)\n"
             "args = jobsched.build_parser().parse_args(['submit', '--', 'true'])\n"
             "sys.exit(jobsched._with_stop_signals(jobsched._submit_lines, Client(), args,\n"
-            "                                     [['true'], ['false']]))\n" % HERE)
-        done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
+            "                                     [['true'], ['false']]))\n" % (HERE, on_ids, on_call))
+        done = subprocess.run([sys.executable, "-c", script], stdout=stdout,
                               stderr=subprocess.PIPE, timeout=60)
-        self.assertEqual((done.returncode, done.stderr),
-                         (128 + signal.SIGTERM, b"jobsched: interrupted; the jobs were queued\n"))
-        self.assertEqual(len(done.stdout.split()), 2)
-        self.assertTrue(all(map(jobsched._is_uuid, done.stdout.decode().split())), done.stdout)
+        ids, _, said = done.stderr.decode().partition("\n")
+        return done.returncode, done.stdout, said, ids.split()
+
+    def test_submit_prints_the_ids_when_a_signal_comes_between_the_answer_and_the_write(self):
+        # The answer's ids signal as they are read to be printed: between the submit call's
+        # held block and the first write, which the hold now spans.
+        status, out, err, ids = self.submit_with_fake_client(
+            "pass", "os.kill(os.getpid(), signal.SIGTERM)")
+        self.assertEqual((status, err), (128 + signal.SIGTERM,
+                                         "jobsched: interrupted; the jobs were queued\n"))
+        self.assertEqual(out.decode().split(), ids)
+
+    def test_submit_ends_on_a_second_signal_after_one_during_its_call(self):
+        # One signal during the call, one as the ids are made ready, stdout full: the second
+        # ends submit (it would wait for room in stdout for ever), naming the jobs.
+        read_end, write_end = full_pipe(self)
+        status, _, err, ids = self.submit_with_fake_client(
+            "os.kill(os.getpid(), signal.SIGINT)", "os.kill(os.getpid(), signal.SIGINT)",
+            stdout=write_end)
+        os.close(write_end)
+        self.assertEqual((status, err), (130, "jobsched: interrupted before every id was "
+                                              "written; the 2 jobs were queued, the first is %s\n"
+                                         % ids[0]))
 
     def test_submit_whose_stdout_stays_full_ends_on_a_second_signal(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
         client = self.client(scheduler)
-        read_end, write_end = os.pipe()  # full before submit writes: nobody reads it
-        self.addCleanup(os.close, read_end)
-        os.set_blocking(write_end, False)
-        try:
-            while True:
-                os.write(write_end, b"x" * 4096)
-        except BlockingIOError:
-            pass
+        read_end, write_end = full_pipe(self)
         proc = popen_jobsched(self, ("submit", "--", "true"), stdout=write_end,
                               env=cli_env(JOBSCHED_SCHEDULER=scheduler.address))
         os.close(write_end)
