@@ -2161,7 +2161,6 @@ class Job:
 
 
 MAX_START_BATCH = 64          # jobs started by one start_many call
-PLAN_LOOK_PAST = 1000         # jobs too large for every free worker one dispatch round looks past
 JOB_END_BACKLOG = 100000      # ended jobs a worker keeps to report while the scheduler is away
 JOB_END_GAP = 0.01            # s between two reports of ended jobs: a burst of ends goes in one
 #: what a worker reports of an ended job: the scheduler keeps no more (and parses less)
@@ -3384,7 +3383,9 @@ class JobQueue:
         self._entries = {}   # QueueEntry with jobs left to take -> None, in submission order
         self._heaps = {"": []}  # "", a pinned worker_id or an on_key() -> heap of (order, item)
         self._labels = {}  # worker_id -> labels of the online workers, as of the last plan()
-        self._set_aside = []  # (heap target, heap item) that plan() looked past, put back after
+        #: (heap target, frozenset of workers that refused it as too large) -> [heap items]
+        #: taken out of their heap until a worker that may take them has a free slot
+        self._parked = {}
         self._requeued = {}  # QueueJobs back in the queue -> None
         self._waiters = {}   # job id -> [QueueEntry waiting for it to succeed]
         self._busy = {}      # worker_id -> {QueueJob} started or being started there, not ended
@@ -3777,21 +3778,17 @@ class JobQueue:
                         count = min(slots - len(self._busy.get(worker_id, ())), MAX_START_BATCH)
                         if count > 0:
                             free[worker_id] = count
-                try:
-                    while free:
-                        job, worker_id = self._take(free)
-                        if job is None:
-                            break
-                        job.state, job.worker_id = "dispatching", worker_id
-                        self._busy.setdefault(worker_id, set()).add(job)
-                        starts.setdefault(worker_id, []).append(job)
-                        free[worker_id] -= 1
-                        if not free[worker_id]:
-                            del free[worker_id]
-                finally:
-                    for target, item in self._set_aside:
-                        heapq.heappush(self._heaps[target], item)
-                    del self._set_aside[:]
+                self._unpark(free)
+                while free:
+                    job, worker_id = self._take(free)
+                    if job is None:
+                        break
+                    job.state, job.worker_id = "dispatching", worker_id
+                    self._busy.setdefault(worker_id, set()).add(job)
+                    starts.setdefault(worker_id, []).append(job)
+                    free[worker_id] -= 1
+                    if not free[worker_id]:
+                        del free[worker_id]
                 self._calling.update(settles)
             if starts:
                 try:
@@ -3818,20 +3815,15 @@ class JobQueue:
         targets += [key for key in self._heaps if isinstance(key, tuple) and self._heaps[key]]
         for target in targets:
             heap = self._heaps[target]
-            if isinstance(target, tuple):
-                takers = self._matching(target, free)
-                if not takers:
-                    continue  # no free worker matches: every job of this heap waits
-            else:
-                takers = (target,) if target else free
+            takers = self._takers(target, free)
+            if not takers:
+                continue  # no free worker matches: every job of this heap waits
             while heap and (not self._ready(heap[0][3]) or not self._fits(heap[0][3], takers)):
-                if self._ready(heap[0][3]) and len(self._set_aside) >= PLAN_LOOK_PAST:
-                    break  # the jobs behind wait for the next round, or for these to start
                 item = heapq.heappop(heap)
-                if self._ready(item[3]):  # too large for the free workers: back after this plan
-                    self._set_aside.append((target, item))
-            if heap and (best is None or heap[0][:3] < best[1][:3]) \
-                    and self._fits(heap[0][3], takers):
+                if self._ready(item[3]):  # too large for every free worker that may take it
+                    refused = frozenset(self._entry_of(item[3]).too_large_on)
+                    self._parked.setdefault((target, refused), []).append(item)
+            if heap and (best is None or heap[0][:3] < best[1][:3]):
                 best = (target, heap[0], takers)
         if best is None:
             return None, None
@@ -3855,13 +3847,30 @@ class JobQueue:
             self._used_up(entry)
         return job, worker_id
 
+    def _takers(self, target, free, refused=frozenset()):
+        """The workers of free (ids) that may take the jobs of the heap of target: its pinned
+        worker, those whose labels match, or any; less those in refused."""
+        if isinstance(target, tuple):
+            takers = self._matching(target, free)
+        else:
+            takers = free if not target else (target,) if target in free else ()
+        return [worker_id for worker_id in takers if worker_id not in refused] if refused else takers
+
     @staticmethod
-    def _fits(item, takers):
+    def _entry_of(item):
+        return item if isinstance(item, QueueEntry) else item.entry
+
+    def _fits(self, item, takers):
         """The workers of takers (ids) that a heap's item is not too large for."""
-        entry = item if isinstance(item, QueueEntry) else item.entry
-        if not entry.too_large_on:
-            return takers
-        return [worker_id for worker_id in takers if worker_id not in entry.too_large_on]
+        refused = self._entry_of(item).too_large_on
+        return [worker_id for worker_id in takers if worker_id not in refused] if refused else takers
+
+    def _unpark(self, free):
+        """Put the parked jobs that a worker of free may take back in their heaps (under lock):
+        one test per set of refusing workers, not per job."""
+        for key in [key for key in self._parked if self._takers(key[0], free, key[1])]:
+            for item in self._parked.pop(key):
+                heapq.heappush(self._heaps[key[0]], item)
 
     def _elsewhere(self, entry, refusing):
         """True if an online worker besides refusing, and those entry was too large for, may
@@ -6462,7 +6471,7 @@ class _Follower:
                 delay = min(2.0, delay * 2)
                 continue
             if deadline is not None and not self.quiet:
-                _say("reconnected")
+                _STOP_SIGNALS.say("reconnected")
             self.known = True
             return result
 
@@ -6552,10 +6561,10 @@ def _print_ids(job_ids, noted=None):
         try:
             if _STOP_SIGNALS.holding:
                 later = _STOP_SIGNALS.take()
-                _STOP_SIGNALS.__exit__()
                 if noted is None:
-                    noted = later
-                elif later is not None:  # a second one, since the answer
+                    noted, later = later, None
+                _STOP_SIGNALS.__exit__()  # says what it held back: a signal then is caught below
+                if later is not None:  # a second one, since the answer
                     _raise_stop_signal(later)
             _write_counted(sys.stdout.buffer, data[done[0]:], counted)
         except (KeyboardInterrupt, _Signalled) as e:
@@ -6723,6 +6732,7 @@ class _StopSignals:
     unknown or a written chunk uncounted. Blocks do not nest."""
     holding = False
     noted = None  # the signal number noted in a held block
+    held_back = ()  # what say() was asked to say in a held block, said once it is over
 
     def __enter__(self):
         self.holding = True
@@ -6730,6 +6740,17 @@ class _StopSignals:
 
     def __exit__(self, *exc_info):
         self.holding = False
+        said, self.held_back = self.held_back, ()
+        for text in said:
+            _say(text)
+
+    def say(self, text):
+        """_say(text), once no block is held: a write to a stderr nobody reads must not wait
+        with the stop signals held."""
+        if self.holding:
+            self.held_back += (text,)
+        else:
+            _say(text)
 
     def take(self):
         """The signal noted in a held block, forgotten; None if none was."""

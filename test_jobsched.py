@@ -5904,32 +5904,39 @@ class QueueTest(ClusterTestCase):
         queue.jobs_ended(worker_id, [{"job_id": job.job_id, "state": "succeeded"} for job in jobs])
         return [job.job_id for job in jobs]
 
-    def test_a_round_looks_past_a_bounded_number_of_jobs_too_large_for_the_free_workers(self):
-        self.addCleanup(setattr, jobsched, "PLAN_LOOK_PAST", jobsched.PLAN_LOOK_PAST)
+    def test_jobs_too_large_for_the_free_workers_wait_apart_without_holding_up_others(self):
         queue = jobsched.JobQueue()
         self.addCleanup(queue.close)
         big = queue.submit([{"command": "big"} for _ in range(3)], {})
+        big += queue.submit([{"command": "big", "array": 2}], {})
+        big[3:] = [big[3] + "000000000000", big[3] + "000000000001"]
         starts, _ = queue.plan([("small", 8, {}), ("large", 1, {})])
         self.assertEqual([job.job_id for job in starts["small"]], big)  # most free slots
         refusal = jobsched._TooLarge("small refused the request: larger than its --max-request")
-        queue.started("small", starts["small"], [refusal] * 3)  # "large" may take them: queued
-        self.assertEqual(len(queue), 3)
+        queue.started("small", starts["small"], [refusal] * 5)  # "large" may take them: queued
+        self.assertEqual(len(queue), 5)
         (plain,) = queue.submit([{"command": "plain"}], {})
-        jobsched.PLAN_LOOK_PAST = 2  # "large" is full: the round looks past two big jobs only
-        self.assertEqual(queue.plan([("small", 8, {}), ("large", 0, {})])[0], {})
-        jobsched.PLAN_LOOK_PAST = 1000
-        starts, _ = queue.plan([("small", 8, {}), ("large", 0, {})])
-        self.assertEqual({w: [job.job_id for job in jobs] for w, jobs in starts.items()},
-                         {"small": [plain]})
+        for round_n in range(3):  # "large" is full: the big jobs wait apart, the plain one goes
+            starts, _ = queue.plan([("small", 8, {}), ("large", 0, {})])
+            self.assertEqual({w: [job.job_id for job in jobs] for w, jobs in starts.items()},
+                             {"small": [plain]} if round_n == 0 else {})
+        self.assertEqual(sum(len(items) for items in queue._parked.values()), 5)
         struct = queue.describe(big[0], {"small": {}, "large": {}})[0]
         self.assertEqual((struct["state"], struct["reason"]), ("queued", (
             "waiting for a free slot on a worker other than small (over their --max-request)")))
         struct = queue.describe(big[0], {"small": {}})[0]  # "large" went offline: it waits
         self.assertEqual(struct["reason"], "no online worker takes it: over the --max-request "
                                            "of small")
-        starts, _ = queue.plan([("small", 8, {}), ("large", 1, {})])  # none set aside is lost
-        self.assertEqual([job.job_id for job in starts["large"]], big[:1])
-        self.assertEqual(len(queue), 2)
+        taken = []
+        for _ in range(5):  # "large" has a free slot again: each big job once, in order
+            starts, _ = queue.plan([("small", 8, {}), ("large", 1, {})])
+            (job,) = starts["large"]
+            self.assertNotIn("small", starts)
+            queue.started("large", [job], [job.job_id])
+            queue.jobs_ended("large", [{"job_id": job.job_id, "state": "succeeded"}])
+            taken.append(job.job_id)
+        self.assertEqual(taken, big)
+        self.assertEqual((len(queue), queue._parked), (0, {}))
 
     def test_an_array_sent_again_once_its_first_job_is_forgotten_is_not_queued_again(self):
         self.short_history(3)
