@@ -3383,9 +3383,10 @@ class JobQueue:
         self._entries = {}   # QueueEntry with jobs left to take -> None, in submission order
         self._heaps = {"": []}  # "", a pinned worker_id or an on_key() -> heap of (order, item)
         self._labels = {}  # worker_id -> labels of the online workers, as of the last plan()
-        #: (heap target, frozenset of workers that refused it as too large) -> [heap items]
+        #: (heap target, frozenset of workers that refused it as too large) -> heap of items
         #: taken out of their heap until a worker that may take them has a free slot
         self._parked = {}
+        self._parked_stale = False  # a job was cancelled: parked ones may no longer wait
         self._requeued = {}  # QueueJobs back in the queue -> None
         self._waiters = {}   # job id -> [QueueEntry waiting for it to succeed]
         self._busy = {}      # worker_id -> {QueueJob} started or being started there, not ended
@@ -3822,7 +3823,7 @@ class JobQueue:
                 item = heapq.heappop(heap)
                 if self._ready(item[3]):  # too large for every free worker that may take it
                     refused = frozenset(self._entry_of(item[3]).too_large_on)
-                    self._parked.setdefault((target, refused), []).append(item)
+                    heapq.heappush(self._parked.setdefault((target, refused), []), item)
             if heap and (best is None or heap[0][:3] < best[1][:3]):
                 best = (target, heap[0], takers)
         if best is None:
@@ -3866,11 +3867,35 @@ class JobQueue:
         return [worker_id for worker_id in takers if worker_id not in refused] if refused else takers
 
     def _unpark(self, free):
-        """Put the parked jobs that a worker of free may take back in their heaps (under lock):
-        one test per set of refusing workers, not per job."""
-        for key in [key for key in self._parked if self._takers(key[0], free, key[1])]:
-            for item in self._parked.pop(key):
+        """Put back in their heaps as many of the parked jobs as the workers of free that may
+        take them have free slots, first ones first (under lock): a round costs one test per
+        set of refusing workers, plus the jobs it puts back. After a cancel, the parked jobs
+        that no longer wait are dropped."""
+        stale, self._parked_stale = self._parked_stale, False
+        for key in list(self._parked):
+            group = self._parked.get(key)
+            if group is None:
+                continue
+            if stale:
+                group[:] = [item for item in group if self._ready(item[3])]
+                heapq.heapify(group)
+            takers = self._takers(key[0], free, key[1])
+            room = sum(free[worker_id] for worker_id in takers)
+            while group and room > 0:
+                item = heapq.heappop(group)
+                if not self._ready(item[3]):
+                    continue
+                refused = frozenset(self._entry_of(item[3]).too_large_on)
+                if refused != key[1]:  # refused by more workers since: back if one may take it
+                    if self._takers(key[0], free, refused):
+                        heapq.heappush(self._heaps[key[0]], item)
+                    else:
+                        heapq.heappush(self._parked.setdefault((key[0], refused), []), item)
+                    continue
                 heapq.heappush(self._heaps[key[0]], item)
+                room -= 1
+            if not group:
+                del self._parked[key]
 
     def _elsewhere(self, entry, refusing):
         """True if an online worker besides refusing, and those entry was too large for, may
@@ -4014,6 +4039,7 @@ class JobQueue:
         """Cancel every job entry has left (under lock; it has not started any); answers
         [(job id, "cancelled")] of those that something may wait for."""
         entry.cancelled = reason
+        self._parked_stale = bool(self._parked)
         self._note("x", [entry.key, reason])
         if entry in self._entries:
             del self._entries[entry]  # its size stays live: it is history now
@@ -4062,6 +4088,7 @@ class JobQueue:
                     return True if job.state == "ended" else _STARTING
                 if job is None and not entry.waits(index):
                     return True
+                self._parked_stale = bool(self._parked)
                 if job is not None:  # back in the queue after a refusal
                     self._end(job, ("cancelled", "cancelled") + (None,) * 7)
                 elif entry.count is None:

@@ -5928,14 +5928,29 @@ class QueueTest(ClusterTestCase):
         self.assertEqual(struct["reason"], "no online worker takes it: over the --max-request "
                                            "of small")
         taken = []
-        for _ in range(5):  # "large" has a free slot again: each big job once, in order
-            starts, _ = queue.plan([("small", 8, {}), ("large", 1, {})])
+        for left in range(4, -1, -1):  # "large" has a free slot again: each big job once, in
+            starts, _ = queue.plan([("small", 8, {}), ("large", 1, {})])  # order, one a round
             (job,) = starts["large"]
             self.assertNotIn("small", starts)
+            self.assertEqual(sum(len(items) for items in queue._parked.values()), left)
             queue.started("large", [job], [job.job_id])
             queue.jobs_ended("large", [{"job_id": job.job_id, "state": "succeeded"}])
             taken.append(job.job_id)
         self.assertEqual(taken, big)
+        self.assertEqual((len(queue), queue._parked), (0, {}))
+
+    def test_a_cancelled_parked_job_is_let_go(self):
+        queue = jobsched.JobQueue()
+        self.addCleanup(queue.close)
+        big = queue.submit([{"command": "big"} for _ in range(3)], {})
+        starts, _ = queue.plan([("small", 8, {}), ("large", 0, {})])
+        refusal = jobsched._TooLarge("small refused the request: larger than its --max-request")
+        queue.started("small", starts["small"], [refusal] * 3)
+        queue.plan([("small", 8, {}), ("large", 0, {})])  # parked: "large" is full
+        self.assertEqual(sum(len(items) for items in queue._parked.values()), 3)
+        for job_id in big:  # "large" never comes back: its jobs are stopped
+            self.assertIs(queue.cancel(job_id), True)
+        queue.plan([("small", 8, {})])
         self.assertEqual((len(queue), queue._parked), (0, {}))
 
     def test_an_array_sent_again_once_its_first_job_is_forgotten_is_not_queued_again(self):
