@@ -2607,25 +2607,35 @@ class Worker(_Role):
         """SIGKILL the process group of every process marked as a job of this worker whose job
         has no record, and wait for them to die; returns {job_id: pid} of the jobs' leaders found.
 
-        Journal lines of earlier versions name the pid instead (checked against its start time)."""
-        groups, leaders = set(), {}
-        for pid, job_id, start_time in find_job_processes(self.worker_id):
-            if job_id in recorded or (start_time and process_start_time(pid) != start_time):
-                continue  # a finished job's process that left its group, or the pid was reused
-            try:
-                pgid = os.getpgid(pid)
-            except OSError:
-                continue
-            if pgid == pid:
-                leaders[job_id] = pid
-            if pgid != os.getpgrp():
-                signal_group(pgid, signal.SIGKILL)
-                groups.add(pgid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-            log.info("killed process %d of job %s, left running by the last run", pid, job_id)
+        Journal lines of earlier versions name the pid instead (checked against its start time).
+        A job process the last run was spawning when it died shows its marks only once it has
+        exec'd, which a loaded machine may delay: while a started job has no process found, the
+        processes are looked for again, for up to 0.75 s."""
+        groups, leaders, killed = set(), {}, set()
+        wanted = {job.job_id for job in unsettled if job.state == "running"}
+        for delay in (0.05, 0.1, 0.2, 0.4, None):
+            for pid, job_id, start_time in find_job_processes(self.worker_id):
+                if pid in killed or job_id in recorded or (
+                        start_time and process_start_time(pid) != start_time):
+                    continue  # a finished job's process that left its group, or the pid was reused
+                try:
+                    pgid = os.getpgid(pid)
+                except OSError:
+                    continue
+                if pgid == pid:
+                    leaders[job_id] = pid
+                if pgid != os.getpgrp():
+                    signal_group(pgid, signal.SIGKILL)
+                    groups.add(pgid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                killed.add(pid)
+                log.info("killed process %d of job %s, left running by the last run", pid, job_id)
+            if delay is None or wanted <= set(leaders):
+                break
+            time.sleep(delay)
         for job in unsettled:
             if job.state == "running" and job.pid and job.proc_start is not None:
                 current = process_start_time(job.pid)
