@@ -1829,6 +1829,25 @@ def raw_http(address, data, timeout=10.0, shut_write=False):
         sock.close()
 
 
+def read_responses(sock, count):
+    """``count`` HTTP responses read off a kept-alive socket: [(status, body)]."""
+    data, answers = b"", []
+    while len(answers) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            head = data[:end].decode("latin-1")
+            length = int(re.search(r"(?im)^content-length: *([0-9]+)", head).group(1))
+            if len(data) >= end + 4 + length:
+                answers.append((int(head.split()[1]), data[end + 4:end + 4 + length]))
+                data = data[end + 4 + length:]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError("closed after %d answers" % len(answers))
+        data += chunk
+    return answers
+
+
 def http_request(address, method, path, body=b"", headers=(), content_length=True):
     lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s" % address]
     if content_length:
@@ -2380,6 +2399,85 @@ class HTTPTest(ClusterTestCase):
             response = connection.getresponse()
             self.assertEqual((response.status, response.read()), (200, b'{"workers": []}'))
         self.assertIsNotNone(connection.sock)  # never closed in between
+
+
+class QuickRequestTest(ClusterTestCase):
+    """A heartbeat that has come whole on a parked plain connection is answered on the parking
+    thread itself; anything else goes to a thread as before, and a request read otherwise than
+    it is framed closes the connection."""
+
+    def parked_connection(self, headers=(), **kwargs):
+        """(scheduler, names of the threads that served each heartbeat, socket to it whose
+        first heartbeat was answered and which is parked now, heartbeat request bytes)."""
+        scheduler = self.scheduler(**kwargs)
+        scheduler.server.park_after = 0.05
+        scheduler.register("127.0.0.1:9", {"worker_id": "w1", "slots": 0})
+        served_by, heartbeat = [], scheduler.server.methods["heartbeat"]
+
+        def recording(*args):
+            served_by.append(threading.current_thread().name)
+            return heartbeat(*args)
+        scheduler.server.methods["heartbeat"] = recording
+        beat = http_request(scheduler.address, "POST", "/RPC2", rpc_body("heartbeat", "w1"),
+                            headers)
+        baseline = threading.active_count()
+        host, port = scheduler.address.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(beat)
+        [(status, body)] = read_responses(sock, 1)
+        self.assertEqual((status, xmlrpc.client.loads(body)[0]), (200, (True,)))
+        wait_until(lambda: threading.active_count() <= baseline, message="the thread to go")
+        self.assertNotEqual(served_by, ["jobsched-parking"])
+        return scheduler, served_by, sock, beat
+
+    def test_a_heartbeat_on_a_parked_connection_is_answered_by_the_parking_thread(self):
+        scheduler, served_by, sock, beat = self.parked_connection()
+        sock.sendall(beat)
+        self.assertEqual(read_responses(sock, 1)[0][0], 200)
+        self.assertEqual(served_by[1:], ["jobsched-parking"])
+        sock.sendall(http_request(scheduler.address, "POST", "/RPC2", rpc_body("info")))
+        status, body = read_responses(sock, 1)[0]  # the connection goes on, for any call
+        self.assertEqual(xmlrpc.client.loads(body)[0][0]["role"], "scheduler")
+
+    def test_pipelined_requests_on_a_parked_connection_are_answered_in_order(self):
+        scheduler, served_by, sock, beat = self.parked_connection()
+        info = http_request(scheduler.address, "POST", "/RPC2", rpc_body("info"))
+        sock.sendall(beat + beat + info + beat)
+        answers = [xmlrpc.client.loads(body)[0][0] for _, body in read_responses(sock, 4)]
+        self.assertEqual([answer is True for answer in answers], [True, True, False, True])
+        self.assertEqual(answers[2]["role"], "scheduler")
+        self.assertEqual(served_by[1:3], ["jobsched-parking"] * 2)
+        self.assertEqual(len(served_by), 4)
+
+    def test_a_request_still_coming_on_a_parked_connection_is_left_to_a_thread(self):
+        scheduler, served_by, sock, beat = self.parked_connection()
+        sock.sendall(beat[:-20])
+        time.sleep(0.2)  # the parking thread has seen it, and let a thread wait for the rest
+        sock.sendall(beat[-20:])
+        self.assertEqual(read_responses(sock, 1)[0][0], 200)
+        self.assertEqual(len(served_by), 2)
+        self.assertNotEqual(served_by[1], "jobsched-parking")
+
+    def test_a_request_read_otherwise_than_it_is_framed_closes_the_connection(self):
+        # Framed by its second Content-Length (the first line ends in a bare LF, which the
+        # server's reader takes for the end of the headers): the server would read "xyz" as the
+        # body and the rest as a next request, which was consumed with the first.
+        scheduler, served_by, sock, _ = self.parked_connection()
+        inner = rpc_body("heartbeat", "w1")
+        sock.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: 3\n\r\nxyz\r\nContent-Length: %d"
+                     b"\r\n\r\n%s" % (len(inner), inner))
+        self.assertEqual(len(read_responses(sock, 1)), 1)  # a fault: "xyz" is no XML-RPC call
+        self.assertEqual(sock.recv(4096), b"")
+        self.assertEqual(len(served_by), 1)
+
+    def test_an_unauthorized_heartbeat_on_a_parked_connection_is_refused_and_closed(self):
+        scheduler, served_by, sock, beat = self.parked_connection(
+            token=TOKEN, headers=(("Authorization", "Bearer " + TOKEN),))
+        sock.sendall(beat.replace(TOKEN.encode(), b"x" * len(TOKEN)))
+        self.assertEqual(read_responses(sock, 1), [(401, b"")])
+        self.assertEqual(sock.recv(4096), b"")
+        self.assertEqual(len(served_by), 1)
 
 
 class HostileInputTest(ClusterTestCase):
