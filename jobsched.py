@@ -5531,6 +5531,9 @@ class Metrics:
         #: does not format a thousand unchanged workers again; guarded by the GIL (single get,
         #: set and clear calls)
         self.worker_lines = {}
+        #: the last scrape's keys of every worker, in order, and the two families' text made of
+        #: them, taken as they are while no worker changed; replaced whole (under the GIL)
+        self.worker_text = None
 
     def inc(self, name, labels=(), amount=1):
         with self.lock:
@@ -5656,8 +5659,11 @@ def metrics_text(samples):
         if rows is None:
             continue
         out.append("# HELP %s %s\n# TYPE %s %s\n" % (name, help_text, name, kind))
-        out.extend([row if isinstance(row, str) else
-                    "%s%s%s %s\n" % (name, row[0], row[1], metric_number(row[2])) for row in rows])
+        if rows and isinstance(rows[0], str):  # a family's rows are all of one kind
+            out.extend(rows)
+        else:
+            out.extend(["%s%s%s %s\n" % (name, row[0], row[1], metric_number(row[2]))
+                        for row in rows])
     return "".join(out).encode("utf-8")
 
 
@@ -5675,18 +5681,22 @@ def scheduler_metrics(scheduler):
     with scheduler.workers_lock:
         keys = [(rec.worker_id, rec.hostname or rec.address or "", rec.slots, rec.running)
                 for rec in scheduler._workers.values()]
-        online = sum(rec.online(now) for rec in scheduler._workers.values())
+        online = len([rec for rec in scheduler._workers.values() if rec.online(now)])
     samples = scheduler.metrics.samples(
         ("jobsched_jobs_started_total", "jobsched_rpc_requests_total"),
         ("jobsched_rpc_duration_seconds",))
     samples["jobsched_workers"] = [("", '{state="online"}', online),
                                    ("", '{state="offline"}', len(keys) - online)]
-    cache = scheduler.metrics.worker_lines
-    if len(cache) > 2 * len(keys) + 1000:  # slot counts changed since: start afresh
-        cache.clear()
-    lines = [cache.get(key) or cache.setdefault(key, _worker_lines(*key)) for key in keys]
-    samples["jobsched_worker_slots"] = [line[0] for line in lines]
-    samples["jobsched_worker_running"] = [line[1] for line in lines]
+    last = scheduler.metrics.worker_text
+    if last is None or last[0] != keys:
+        cache = scheduler.metrics.worker_lines
+        if len(cache) > 2 * len(keys) + 1000:  # slot counts changed since: start afresh
+            cache.clear()
+        lines = [cache.get(key) or cache.setdefault(key, _worker_lines(*key)) for key in keys]
+        last = scheduler.metrics.worker_text = (keys, "".join([line[0] for line in lines]),
+                                                "".join([line[1] for line in lines]))
+    samples["jobsched_worker_slots"] = [last[1]]
+    samples["jobsched_worker_running"] = [last[2]]
     queued = _queued_count(scheduler)
     if queued is not None:
         samples["jobsched_jobs_queued"] = [("", "", queued)]

@@ -3807,6 +3807,25 @@ class MetricsFormatTest(ClusterTestCase):
         self.assertEqual(jobsched.relayed_fault_code(fault), 1)
         self.assertEqual(jobsched.relayed_fault_code(reply), 0)
 
+    def test_each_scrape_shows_the_workers_as_they_are_then(self):
+        scheduler = self.scheduler()
+        client = self.client(scheduler)
+        scrape = lambda: parse_metrics(jobsched.scheduler_metrics(scheduler).decode())[1]
+        client.register("127.0.0.1:9", {"worker_id": "w-1", "hostname": "h1", "slots": 2})
+        for _ in range(2):  # the second is made from the first's text
+            self.assertEqual(metric(scrape(), "jobsched_worker_slots", worker_id="w-1", host="h1"), 2)
+        client.heartbeat("w-1", {"slots": 2, "running": 1})
+        client.register("127.0.0.1:9", {"worker_id": "w-2", "hostname": "h2", "slots": 5})
+        samples = scrape()
+        self.assertEqual([metric(samples, "jobsched_worker_running", worker_id="w-1", host="h1"),
+                          metric(samples, "jobsched_worker_slots", worker_id="w-2", host="h2"),
+                          metric(samples, "jobsched_workers", state="online")], [1, 5, 2])
+        client.heartbeat("w-1", {"slots": 3, "running": 0})
+        samples = scrape()
+        self.assertEqual([metric(samples, "jobsched_worker_slots", worker_id="w-1", host="h1"),
+                          metric(samples, "jobsched_worker_running", worker_id="w-1", host="h1")],
+                         [3, 0])
+
     def test_both_roles_write_exactly_the_documented_families(self):
         scheduler = self.scheduler()
         worker = self.worker(None)
