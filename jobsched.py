@@ -3454,6 +3454,12 @@ _STARTING = "starting"  # JobQueue.cancel: the job is being handed to a worker
 JOB_RECORD_BYTES = 200  # about what a QueueJob adds to its spec in a rewritten journal
 
 
+
+def _without(worker_ids, refused):
+    """worker_ids (a sequence) less those in refused (a set, often empty: then worker_ids)."""
+    return [worker_id for worker_id in worker_ids if worker_id not in refused] if refused else worker_ids
+
+
 class JobQueue:
     """The scheduler's queue: jobs waiting for a slot in order (priority, then submission),
     their dependencies, and the queue's jobs on workers until they end.
@@ -3963,7 +3969,7 @@ class JobQueue:
             takers = self._matching(target, free)
         else:
             takers = free if not target else (target,) if target in free else ()
-        return [worker_id for worker_id in takers if worker_id not in refused] if refused else takers
+        return _without(takers, refused)
 
     @staticmethod
     def _entry_of(item):
@@ -3971,8 +3977,7 @@ class JobQueue:
 
     def _fits(self, item, takers):
         """The workers of takers (ids) that a heap's item is not too large for."""
-        refused = self._entry_of(item).too_large_on
-        return [worker_id for worker_id in takers if worker_id not in refused] if refused else takers
+        return _without(takers, self._entry_of(item).too_large_on)
 
     def _unpark(self, free):
         """Put back in their heaps as many of the parked jobs as the workers of free that may
