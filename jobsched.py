@@ -3454,7 +3454,6 @@ _STARTING = "starting"  # JobQueue.cancel: the job is being handed to a worker
 JOB_RECORD_BYTES = 200  # about what a QueueJob adds to its spec in a rewritten journal
 
 
-
 def _without(worker_ids, refused):
     """worker_ids (a sequence) less those in refused (a set, often empty: then worker_ids)."""
     return [worker_id for worker_id in worker_ids if worker_id not in refused] if refused else worker_ids
