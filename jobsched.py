@@ -326,9 +326,15 @@ class _Unmarshaller(xmlrpc.client.Unmarshaller):
     def end_name(self, data):
         xmlrpc.client.Unmarshaller.end_string(self, data)
         self._stack[-1] = sys.intern(self._stack[-1])  # 100000 structs share their member names
+
+    def end_methodName(self, data):
+        if self._methodname is not None:  # the stdlib takes the last: a reader may take the first
+            raise BadRequest("more than one methodName")
+        xmlrpc.client.Unmarshaller.end_methodName(self, data)
     dispatch = dict(xmlrpc.client.Unmarshaller.dispatch)
     dispatch.update(dict.fromkeys(("i1", "i2", "i4", "i8", "int", "biginteger"), end_int))
     dispatch["name"] = end_name
+    dispatch["methodName"] = end_methodName
 
 
 def loads_request(body):
@@ -729,11 +735,12 @@ def send_close_notify(sock):
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
-#: what RPCServer.quick_request() looks for in the bytes a parked connection has received
+#: what RPCServer.quick_request() looks for in the bytes a parked connection has received: an
+#: XML-RPC call whose first element names its method (the parser refuses a second name)
+_QUICK_START = re.compile(rb"POST /(?:RPC2)? HTTP/1\.[01]\r\n")
 _QUICK_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,5})[ \t]*\r\n", re.IGNORECASE)
-_QUICK_METHOD = re.compile(rb"<methodName>([A-Za-z_]+)</methodName>")
-_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: enum flags cost a call each time
-_DONTWAIT = int(socket.MSG_DONTWAIT)
+_QUICK_METHOD = re.compile(rb"(?:<\?xml[^>]*\?>)?\s*<methodCall>\s*<methodName>([A-Za-z_]+)</methodName>")
+_PEEK = int(socket.MSG_PEEK)  # an int: enum flags cost a call each time
 
 
 _date = (0, "")  # (second, its HTTP date): formatted once a second, not once an answer
@@ -838,6 +845,7 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
     encode_threshold = None  # gzip makes Binary output 2-3x slower and buys nothing on a LAN
 
     quiet = False  # true once the connection fell idle: the server parks it
+    only_methods = None  # else the only methods it may call (a set of names)
 
     def setup(self):
         self.connection = self.request
@@ -930,7 +938,7 @@ class RequestHandler(xmlrpc.server.SimpleXMLRPCRequestHandler):
         if route is not None:
             self._reply_json(*self.server.call_json(route, body))
         elif path in self.rpc_paths:
-            self._reply(200, self.server.dispatch_xmlrpc(body), "text/xml")
+            self._reply(200, self.server.dispatch_xmlrpc(body, self.only_methods), "text/xml")
         else:
             self._page("POST", body)
 
@@ -1040,7 +1048,8 @@ class _ReceivedRequest(io.BytesIO):
 
 
 class _Sender:
-    """A connection's writer that sends each write whole, at once (nothing to flush)."""
+    """A connection's writer that sends each write at once, nothing buffered: on a non-blocking
+    socket, what does not go out whole raises BlockingIOError (the peer is not reading)."""
     closed = False
 
     def __init__(self, connection):
@@ -1062,10 +1071,11 @@ class _InlineRequestHandler(RequestHandler):
         super().__init__(connection, client_address, server)
 
     def setup(self):
-        self.connection = self.request
+        self.connection = self.request  # non-blocking: see _Sender
         self.timeout = self.server.read_timeout
         self.reader = self.rfile = _ReceivedRequest(self.received)
         self.wfile = _Sender(self.connection)
+        self.only_methods = self.server.inline_methods
 
     def handle(self):
         self.close_connection = True
@@ -1168,7 +1178,8 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         self.security = security
         self.ssl_context = security.server_context()
         self.methods = dict(methods)
-        self.inline_methods = frozenset(name.encode() for name in inline_methods)
+        self.inline_methods = frozenset(inline_methods)
+        self._quick_names = frozenset(name.encode() for name in inline_methods)
         self._signatures = {name: inspect.signature(func) for name, func in self.methods.items()}
         self._arity = {name: positional_arity(signature)
                        for name, signature in self._signatures.items()}
@@ -1369,27 +1380,28 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         with a thousand workers). Plain connections only: TLS ones cannot be peeked at."""
         if not self.inline_methods or type(connection) is not socket.socket:  # TLS: SSLSocket
             return None
+        if connection.gettimeout() != 0.0:
+            connection.settimeout(0.0)  # nothing waits here (a thread taking over sets its own)
         try:
             data = connection.recv(8192, _PEEK)
         except OSError:
             return None
         end = data.find(b"\r\n\r\n")
         length = _QUICK_LENGTH.search(data, 0, end + 2) if end > 0 else None
-        if length is None or not data.startswith(b"POST "):
+        if length is None or not _QUICK_START.match(data):
             return None
         size = end + 4 + int(length.group(1))
-        method = _QUICK_METHOD.search(data, end, size)
-        if size > len(data) or method is None or method.group(1) not in self.inline_methods:
+        method = _QUICK_METHOD.match(data, end + 4, size)
+        if size > len(data) or method is None or method.group(1) not in self._quick_names:
             return None
         try:
-            return connection.recv(size, _DONTWAIT)  # all there: seen above
+            return connection.recv(size)  # all there: seen above
         except OSError:
             return b""
 
     def _serve_inline(self, connection, client_address, received):
-        """Answer a quick request (see quick_request); false if the connection is to be closed.
-        The answer's write could wait for a peer that reads nothing for the connection's
-        timeout (park_after), at most once: it is closed then."""
+        """Answer a quick request (see quick_request); false if the connection is to be closed,
+        as it is when the answer cannot be sent whole at once (a peer that reads nothing)."""
         try:
             handler = _InlineRequestHandler(connection, client_address, self, received)
             return not handler.close_connection
@@ -1455,7 +1467,7 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
             log.exception("internal error in %s", name)
             raise InternalError("internal error in %s (see the server's log)" % name)
 
-    def dispatch_xmlrpc(self, body):
+    def dispatch_xmlrpc(self, body, only=None):
         try:
             try:
                 params, name = loads_request(body)
@@ -1466,6 +1478,8 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
                                  if str(e) else "malformed XML-RPC request")
             if not isinstance(name, str):
                 raise BadRequest("not an XML-RPC method call")
+            if only is not None and name not in only:  # quick_request() let it through
+                raise InternalError("%s taken for a quick call: send it again" % _short(name))
             result = self.call(name, params)
             if isinstance(result, _RelayedReply):
                 return result.body

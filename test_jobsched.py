@@ -2471,6 +2471,60 @@ class QuickRequestTest(ClusterTestCase):
         self.assertEqual(sock.recv(4096), b"")
         self.assertEqual(len(served_by), 1)
 
+    def test_a_call_that_only_mentions_heartbeat_is_left_to_a_thread(self):
+        scheduler, served_by, sock, _ = self.parked_connection()
+        info_by, info = [], scheduler.server.methods["info"]
+        scheduler.server.methods["info"] = lambda: info_by.append(
+            threading.current_thread().name) or info()
+        heartbeat = b"<methodName>heartbeat</methodName>"
+        for body, answer in (
+                (b"<methodCall><!--" + heartbeat + b"--><methodName>info</methodName></methodCall>",
+                 "scheduler"),
+                (b"<methodCall>" + heartbeat + b"<methodName>info</methodName></methodCall>",
+                 "more than one methodName")):
+            sock.sendall(http_request(scheduler.address, "POST", "/RPC2", body))
+            try:
+                got = xmlrpc.client.loads(read_responses(sock, 1)[0][1])[0][0]["role"]
+            except xmlrpc.client.Fault as e:
+                got = e.faultString
+            self.assertEqual(got, answer)
+        self.assertEqual(len(info_by), 1)
+        self.assertNotEqual(info_by[0], "jobsched-parking")
+        self.assertEqual(len(served_by), 1)  # heartbeat itself never called
+
+    def test_a_peer_that_reads_no_answers_is_closed_without_holding_the_parking_thread(self):
+        scheduler, served_by, victim, beat = self.parked_connection()
+        host, port = scheduler.address.rsplit(":", 1)
+        timeouts, quick_request = [], scheduler.server.quick_request
+
+        def small_send_buffer(connection):  # filled after a few dozen answers
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            received = quick_request(connection)
+            timeouts.append(connection.gettimeout())
+            return received
+        scheduler.server.quick_request = small_send_buffer
+        reader = socket.socket()
+        self.addCleanup(reader.close)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.settimeout(10)
+        reader.connect((host, int(port)))
+        reader.sendall(beat)
+        self.assertEqual(read_responses(reader, 1)[0][0], 200)
+        wait_until(lambda: served_by[-1] == "jobsched-parking" or not time.sleep(0.05) and
+                   reader.sendall(beat), message="the reader's heartbeats to be answered inline")
+        try:
+            for _ in range(2000):
+                reader.sendall(beat)
+            while reader.recv(65536):  # all sent: the answers must end with a close
+                pass
+        except socket.timeout:
+            self.fail("the server stopped reading the connection without closing it")
+        except OSError:
+            pass  # reset
+        victim.sendall(beat)
+        self.assertEqual(read_responses(victim, 1)[0][0], 200)
+        self.assertEqual(set(timeouts), {0.0})  # the parking thread never waits on a socket
+
     def test_an_unauthorized_heartbeat_on_a_parked_connection_is_refused_and_closed(self):
         scheduler, served_by, sock, beat = self.parked_connection(
             token=TOKEN, headers=(("Authorization", "Bearer " + TOKEN),))
