@@ -3262,7 +3262,7 @@ QUEUE_HISTORY = 100000        # ended queue jobs (and ends of other jobs) the sc
 SCHEDULER_SHUTTING_DOWN = ("the scheduler is shutting down: nothing was done; "
                            "try again once it is back")
 COMPACT_MIN_BYTES = MiB       # the queue's journal is never rewritten below this size
-SCHEDULER_MAX_REQUEST = 32 * MiB  # a submit of 100000 one-line jobs is about 20 MB of XML
+SCHEDULER_MAX_REQUEST = 64 * MiB  # a submit of 100000 `true N` jobs, ids included, is 34 MB of XML
 
 
 def default_scheduler_state_dir():

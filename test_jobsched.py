@@ -7061,6 +7061,19 @@ class QueueCommandLineTest(ClusterTestCase):
                                   "jobsched_jobs_finished_total", state="succeeded") >= 1,
                    message="the end to be counted")
 
+    def test_a_file_of_as_many_jobs_as_a_submit_takes_is_queued_with_the_defaults(self):
+        scheduler = self.scheduler(state_dir=self.tempdir())
+        path = os.path.join(self.tempdir(), "jobs")
+        with open(path, "w") as f:  # 37 MB of XML-RPC with their ids: over the 32 MiB of 1.0
+            f.writelines("/bin/echo step-%06d\n" % i for i in range(jobsched.MAX_SUBMIT_JOBS))
+        done = self.cli("submit", "--file", path, env=cli_env(JOBSCHED_SCHEDULER=scheduler.address),
+                        timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        job_ids = done.stdout.split()
+        self.assertEqual(len(set(job_ids)), jobsched.MAX_SUBMIT_JOBS)
+        self.assertEqual(scheduler.info()["queued"], jobsched.MAX_SUBMIT_JOBS)
+        self.assertEqual(scheduler.query(job_ids[-1].decode())["args"], ["step-099999"])
+
     def test_submit_file_over_the_limit_is_refused_whole(self):
         scheduler = self.scheduler(state_dir=self.tempdir())
         path = os.path.join(self.tempdir(), "jobs")
