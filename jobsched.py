@@ -739,7 +739,8 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
 #: XML-RPC call whose first element names its method (the parser refuses a second name)
 _QUICK_START = re.compile(rb"POST /(?:RPC2)? HTTP/1\.[01]\r\n")
 _QUICK_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,5})[ \t]*\r\n", re.IGNORECASE)
-_QUICK_METHOD = re.compile(rb"(?:<\?xml[^>]*\?>)?\s*<methodCall>\s*<methodName>([A-Za-z_]+)</methodName>")
+_QUICK_METHOD = re.compile(
+    rb"(?:<\?xml[^>]*\?>)?\s*<methodCall>\s*<methodName>([A-Za-z_]+)</methodName>")
 _PEEK = int(socket.MSG_PEEK)  # an int: enum flags cost a call each time
 
 
@@ -1376,7 +1377,7 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
     def quick_request(self, connection):
         """The bytes of the request a parked connection has received, if they are all there and
         call one of ``inline_methods`` (else None, and nothing is read): answering it on the
-        parking thread saves the hand-over to another and back (two thirds of a heartbeat's CPU
+        parking thread saves the hand-over to another and back (about half of a heartbeat's CPU
         with a thousand workers). Plain connections only: TLS ones cannot be peeked at."""
         if not self.inline_methods or type(connection) is not socket.socket:  # TLS: SSLSocket
             return None
@@ -4780,7 +4781,9 @@ class Scheduler(_Role):
         return True
 
     def heartbeat(self, worker_id, info=None):
-        """A worker's periodic sign of life; fault 1 "unknown worker" asks it to register again."""
+        """A worker's periodic sign of life; fault 1 "unknown worker" asks it to register again.
+        Answered on the server's parking thread when it comes on a parked connection: nothing
+        here may wait for I/O or for a lock held long."""
         want_str(worker_id, "worker_id", limit=256)
         _, fields = self._worker_fields(info)
         with self.workers_lock:
