@@ -1088,6 +1088,10 @@ class _InlineRequestHandler(RequestHandler):
 TRIM_SECONDS = 5.0
 REFUSED_BODY_SECONDS = 10.0  # how long the body of a request refused as too large is read
 IDLE_THREAD_SECONDS = 5.0  # a thread that served a woken connection waits this long for another
+#: an inline answer slower than this (the parking thread waited for the interpreter's lock behind
+#: a busy thread) sends the quick requests of the next INLINE_PAUSE_SECONDS to threads again
+INLINE_SLOW_SECONDS = 0.005
+INLINE_PAUSE_SECONDS = 1.0
 MALLOC_ARENAS = 2          # glibc's malloc arenas in a scheduler or worker process (M_ARENA_MAX)
 
 
@@ -1170,6 +1174,7 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
     allow_reuse_address = True
     request_queue_size = 128  # the default 5 drops connections under 16 concurrent clients
     park_after = 0.25
+    _inline_paused_until = 0.0  # see INLINE_SLOW_SECONDS; the parking thread's alone
 
     def __init__(self, listen, security, methods, json_routes=None, max_request=MiB,
                  read_timeout=30.0, page_routes=None, metrics=None, inline_methods=()):
@@ -1381,6 +1386,8 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
         with a thousand workers). Plain connections only: TLS ones cannot be peeked at."""
         if not self.inline_methods or type(connection) is not socket.socket:  # TLS: SSLSocket
             return None
+        if self._inline_paused_until and time.monotonic() < self._inline_paused_until:
+            return None
         if connection.gettimeout() != 0.0:
             connection.settimeout(0.0)  # nothing waits here (a thread taking over sets its own)
         try:
@@ -1402,13 +1409,21 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
 
     def _serve_inline(self, connection, client_address, received):
         """Answer a quick request (see quick_request); false if the connection is to be closed,
-        as it is when the answer cannot be sent whole at once (a peer that reads nothing)."""
+        as it is when the answer cannot be sent whole at once (a peer that reads nothing).
+        While another thread keeps the interpreter busy (a large submit being parsed), each of
+        the answer's system calls waits for its lock: one thread answering them all would fall
+        behind the heartbeats of a thousand workers, so they go to threads again for a while."""
+        began = time.monotonic()
         try:
             handler = _InlineRequestHandler(connection, client_address, self, received)
             return not handler.close_connection
         except Exception:
             self.handle_error(connection, client_address)
             return False
+        finally:
+            now = time.monotonic()
+            if now - began > INLINE_SLOW_SECONDS:
+                self._inline_paused_until = now + INLINE_PAUSE_SECONDS
 
     def shutdown_request(self, request):
         """Close a connection; a TLS one with close_notify first, so that a client whose idle
