@@ -1088,9 +1088,11 @@ class _InlineRequestHandler(RequestHandler):
 TRIM_SECONDS = 5.0
 REFUSED_BODY_SECONDS = 10.0  # how long the body of a request refused as too large is read
 IDLE_THREAD_SECONDS = 5.0  # a thread that served a woken connection waits this long for another
-#: an inline answer slower than this (the parking thread waited for the interpreter's lock behind
-#: a busy thread) sends the quick requests of the next INLINE_PAUSE_SECONDS to threads again
+#: INLINE_SLOW_IN_A_ROW inline answers each slower than INLINE_SLOW_SECONDS (the parking thread
+#: waited for the interpreter's lock behind a busy thread) send the quick requests of the next
+#: INLINE_PAUSE_SECONDS to threads again
 INLINE_SLOW_SECONDS = 0.005
+INLINE_SLOW_IN_A_ROW = 3
 INLINE_PAUSE_SECONDS = 1.0
 MALLOC_ARENAS = 2          # glibc's malloc arenas in a scheduler or worker process (M_ARENA_MAX)
 
@@ -1174,7 +1176,7 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
     allow_reuse_address = True
     request_queue_size = 128  # the default 5 drops connections under 16 concurrent clients
     park_after = 0.25
-    _inline_paused_until = 0.0  # see INLINE_SLOW_SECONDS; the parking thread's alone
+    _inline_paused_until, _inline_slow = 0.0, 0  # see INLINE_SLOW_SECONDS; the parking thread's
 
     def __init__(self, listen, security, methods, json_routes=None, max_request=MiB,
                  read_timeout=30.0, page_routes=None, metrics=None, inline_methods=()):
@@ -1422,8 +1424,9 @@ class RPCServer(socketserver.ThreadingMixIn, xmlrpc.server.SimpleXMLRPCServer):
             return False
         finally:
             now = time.monotonic()
-            if now - began > INLINE_SLOW_SECONDS:
-                self._inline_paused_until = now + INLINE_PAUSE_SECONDS
+            self._inline_slow = self._inline_slow + 1 if now - began > INLINE_SLOW_SECONDS else 0
+            if self._inline_slow >= INLINE_SLOW_IN_A_ROW:  # not one late wakeup: a busy process
+                self._inline_paused_until, self._inline_slow = now + INLINE_PAUSE_SECONDS, 0
 
     def shutdown_request(self, request):
         """Close a connection; a TLS one with close_notify first, so that a client whose idle

@@ -2471,23 +2471,22 @@ class QuickRequestTest(ClusterTestCase):
         self.assertEqual(sock.recv(4096), b"")
         self.assertEqual(len(served_by), 1)
 
-    def test_after_a_slow_inline_answer_heartbeats_go_to_threads_for_a_while(self):
+    def test_after_slow_inline_answers_in_a_row_heartbeats_go_to_threads_for_a_while(self):
         scheduler, served_by, sock, beat = self.parked_connection()
-        heartbeat = scheduler.server.methods["heartbeat"]
+        heartbeat, slow = scheduler.server.methods["heartbeat"], [False, True, True, True]
         scheduler.server.methods["heartbeat"] = lambda *args: (
-            time.sleep(0.02) if threading.current_thread().name == "jobsched-parking" else None,
-            heartbeat(*args))[1]  # as when the interpreter's lock is held elsewhere
-        for _ in range(2):
+            time.sleep(0.02) if threading.current_thread().name == "jobsched-parking" and slow
+            and slow.pop(0) else None, heartbeat(*args))[1]  # as when the interpreter is busy
+        for _ in range(5):
             sock.sendall(beat)
             self.assertEqual(read_responses(sock, 1)[0][0], 200)
         wait_until(lambda: scheduler.server._idle == 1, message="the connection to be parked")
-        self.assertEqual(served_by[1], "jobsched-parking")
-        self.assertNotEqual(served_by[2], "jobsched-parking")
+        self.assertEqual(served_by[1:5], ["jobsched-parking"] * 4)  # a fast one between
+        self.assertNotEqual(served_by[5], "jobsched-parking")
         scheduler.server._inline_paused_until = time.monotonic()  # the pause is over
-        scheduler.server.methods["heartbeat"] = heartbeat
         sock.sendall(beat)
         self.assertEqual(read_responses(sock, 1)[0][0], 200)
-        self.assertEqual(served_by[3], "jobsched-parking")
+        self.assertEqual(served_by[6], "jobsched-parking")
 
     def test_a_call_that_only_mentions_heartbeat_is_left_to_a_thread(self):
         scheduler, served_by, sock, _ = self.parked_connection()
