@@ -2477,8 +2477,11 @@ class QuickRequestTest(ClusterTestCase):
         scheduler, served_by, sock, beat = self.parked_connection()
         heartbeat, slow = scheduler.server.methods["heartbeat"], [False, True, True, True]
         scheduler.server.methods["heartbeat"] = lambda *args: (
-            time.sleep(0.02) if threading.current_thread().name == "jobsched-parking" and slow
+            time.sleep(0.3) if threading.current_thread().name == "jobsched-parking" and slow
             and slow.pop(0) else None, heartbeat(*args))[1]  # as when the interpreter is busy
+        # slow: 0.3 s, where a loaded machine may take a few ms on its own
+        self.addCleanup(setattr, jobsched, "INLINE_SLOW_SECONDS", jobsched.INLINE_SLOW_SECONDS)
+        jobsched.INLINE_SLOW_SECONDS = 0.15
         for _ in range(5):
             sock.sendall(beat)
             self.assertEqual(read_responses(sock, 1)[0][0], 200)
