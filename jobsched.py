@@ -2045,24 +2045,6 @@ def lock_state_dir(path, role):
             time.sleep(0.02)
 
 
-def write_whole(path, data):
-    """Create (or truncate) a file and write data in one write(); a failed write removes it.
-
-    For a file that is written once and whose absence is safe (a job's record: without it, the
-    journal's line stands). A crash between the create and the write leaves the file empty,
-    which a reader takes for no file. No temp name and no rename: two fewer updates of a
-    directory that holds thousands of job files, and no file object."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        if os.write(fd, data) != len(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    except BaseException:
-        os.close(fd)
-        _remove(path)
-        raise
-    os.close(fd)
-
-
 def write_atomically(path, data):
     """Temp file + rename: a crash at any moment leaves the old file or the new one, whole.
 
@@ -2415,10 +2397,7 @@ class WorkerStateDir:
             elif match:
                 try:
                     with open(path, "rb") as f:
-                        data = f.read()
-                    if not data:
-                        continue  # created, not written: the last run died in between
-                    record = json.loads(data.decode("utf-8"))
+                        record = json.loads(f.read().decode("utf-8"))
                     if not isinstance(record, dict) or record.get("job_id") != match.group(1):
                         raise ValueError("not the record of job %s" % match.group(1))
                     records[match.group(1)] = record
@@ -2529,7 +2508,7 @@ class WorkerStateDir:
 
     def _record(self, job_id, line):
         try:
-            write_whole(os.path.join(self.path, job_id + ".json"), line)
+            write_atomically(os.path.join(self.path, job_id + ".json"), line)
         except OSError as e:
             with self.lock:
                 first = self._unrecorded.get(job_id) != line
